@@ -1,0 +1,249 @@
+"""Sink attention over a paged pre-RoPE KV cache, in plain torch.
+
+This is the CPU path and the reference for the Triton kernel. Semantics
+(DESIGN.md §1): the query at absolute index ``t`` attends to the sink keys
+``0 .. min(S, t+1)-1`` and the window keys ``max(S, t-W+1) .. t``.
+
+Rotary positions are ranks inside that set, applied at read. Scores depend only
+on position differences, so for window keys any common base ``b`` gives the
+same score: ``R(t-b) q . R(j-b) k``. A query tile whose last query is ``t1``
+of at most S+W queries uses ``b = max(0, t1 - (S+W-1))``, so every position
+lies in ``(-(S+W), S+W)``
+(negative ones use cos(-p) = cos(p), sin(-p) = -sin(p)) and the table is never
+read past ``S+W-1``. Sink key ``i`` is at position ``i`` and scored against the
+query rotated to ``min(t, S+W-1)``. A query visits only its sink and window
+keys: cost O(S+W), never O(t).
+
+Tensor shapes: ``query``/``out`` [tokens, num_heads, head_size]; ``kv_cache``
+the logical per-layer view [num_blocks, num_kv_heads, block_size, 2*head_size]
+(keys then values in the last dim); ``block_table`` [requests, max_blocks].
+"""
+
+from __future__ import annotations
+
+import torch
+
+QUERY_TILE = 128
+
+
+def rotate(
+    x: torch.Tensor,
+    positions: torch.Tensor,
+    cos_sin_cache: torch.Tensor,
+    rotary_dim: int,
+    is_neox_style: bool,
+) -> torch.Tensor:
+    """Rotate ``x`` [..., heads, head_size] by per-row ``positions`` [...].
+
+    Positions may be negative. Computed in float32; dims past rotary_dim pass.
+    """
+    cos_sin = cos_sin_cache[positions.abs()].float()
+    cos, sin = cos_sin.chunk(2, dim=-1)
+    sin = torch.where((positions < 0)[..., None], -sin, sin)
+    cos, sin = cos.unsqueeze(-2), sin.unsqueeze(-2)
+    x = x.float()
+    rot, rest = x[..., :rotary_dim], x[..., rotary_dim:]
+    if is_neox_style:
+        x1, x2 = rot.chunk(2, dim=-1)
+        rot = torch.cat((x1 * cos - x2 * sin, x2 * cos + x1 * sin), dim=-1)
+    else:
+        x1, x2 = rot[..., 0::2], rot[..., 1::2]
+        rot = torch.stack((x1 * cos - x2 * sin, x2 * cos + x1 * sin), dim=-1)
+        rot = rot.flatten(-2)
+    return torch.cat((rot, rest), dim=-1)
+
+
+def write_kv(
+    key: torch.Tensor,
+    value: torch.Tensor,
+    kv_cache: torch.Tensor,
+    slot_mapping: torch.Tensor,
+) -> None:
+    """Store pre-RoPE ``key``/``value`` [tokens, kv_heads, head_size] at slots.
+
+    Slots < 0 (padding) are skipped.
+    """
+    num_tokens = slot_mapping.shape[0]
+    slots = slot_mapping.long()
+    valid = slots >= 0
+    if not bool(valid.all()):
+        slots, key, value = slots[valid], key[:num_tokens][valid], value[:num_tokens][valid]
+    block_size = kv_cache.shape[2]
+    head_size = key.shape[-1]
+    blocks, offsets = slots // block_size, slots % block_size
+    kv_cache[blocks, :, offsets, :head_size] = key[: slots.shape[0]].to(kv_cache.dtype)
+    kv_cache[blocks, :, offsets, head_size:] = value[: slots.shape[0]].to(
+        kv_cache.dtype
+    )
+
+
+def _gather_kv(
+    kv_cache: torch.Tensor, block_row: torch.Tensor, positions: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Keys and values [*positions.shape, kv_heads, head_size] of one request."""
+    block_size = kv_cache.shape[2]
+    blocks = block_row[positions // block_size].long()
+    kv = kv_cache[blocks, :, positions % block_size, :]
+    return kv.chunk(2, dim=-1)
+
+
+def _attend(
+    q_sink: torch.Tensor,
+    q_win: torch.Tensor,
+    k_sink: torch.Tensor,
+    k_win: torch.Tensor,
+    v: torch.Tensor,
+    mask: torch.Tensor,
+    scale: float,
+) -> torch.Tensor:
+    """Softmax attention over [sink keys | window keys] for a batch of queries.
+
+    q_*: [B, Q, Hkv, G, D]; k_*: [B, K*, Hkv, D]; v: [B, Ks+Kw, Hkv, D];
+    mask: [B, Q, Ks+Kw] True where visible. Returns [B, Q, Hkv, G, D] float32.
+    """
+    s_sink = torch.einsum("bqhgd,bkhd->bhgqk", q_sink, k_sink)
+    s_win = torch.einsum("bqhgd,bkhd->bhgqk", q_win, k_win)
+    scores = torch.cat((s_sink, s_win), dim=-1) * scale
+    scores = scores.masked_fill(~mask[:, None, None], float("-inf"))
+    probs = torch.softmax(scores, dim=-1)
+    return torch.einsum("bhgqk,bkhd->bqhgd", probs, v.float())
+
+
+def _attend_tile(
+    query: torch.Tensor,
+    kv_cache: torch.Tensor,
+    block_row: torch.Tensor,
+    first: int,
+    last: int,
+    rope: tuple[torch.Tensor, int, bool],
+    sink: int,
+    window: int,
+    scale: float,
+) -> torch.Tensor:
+    """Attention for the queries at absolute indices first..last of one request."""
+    device = query.device
+    span = sink + window
+    base = max(0, last - (span - 1))
+    t = torch.arange(first, last + 1, device=device)
+    sink_pos = torch.arange(min(sink, last + 1), device=device)
+    win_first = max(sink, first - window + 1)
+    win_pos = torch.arange(win_first, max(win_first, last + 1), device=device)
+    k_sink, v_sink = _gather_kv(kv_cache, block_row, sink_pos)
+    k_win, v_win = _gather_kv(kv_cache, block_row, win_pos)
+
+    num_kv_heads, head_size = kv_cache.shape[1], query.shape[-1]
+    q = query.view(len(t), num_kv_heads, -1, head_size)
+    q_win = rotate(q, (t - base)[:, None], *rope)
+    q_sink = rotate(q, t.clamp(max=span - 1)[:, None], *rope)
+    k_win = rotate(k_win, win_pos - base, *rope)
+    k_sink = rotate(k_sink, sink_pos, *rope)
+
+    window_start = (t - window + 1).clamp(min=sink)
+    sink_mask = sink_pos[None, :] <= t[:, None]
+    win_mask = (win_pos[None, :] >= window_start[:, None]) & (
+        win_pos[None, :] <= t[:, None]
+    )
+    mask = torch.cat((sink_mask, win_mask), dim=-1)
+    v = torch.cat((v_sink, v_win), dim=0)
+    out = _attend(
+        q_sink[None], q_win[None], k_sink[None], k_win[None], v[None], mask[None], scale
+    )
+    return out[0].flatten(1, 2)
+
+
+def _attend_decodes(
+    query: torch.Tensor,
+    kv_cache: torch.Tensor,
+    block_table: torch.Tensor,
+    seq_lens: torch.Tensor,
+    rope: tuple[torch.Tensor, int, bool],
+    sink: int,
+    window: int,
+    scale: float,
+) -> torch.Tensor:
+    """One query per request (its last token), all requests batched."""
+    device = query.device
+    span = sink + window
+    t = (seq_lens.long() - 1).to(device)  # [B]
+    base = (t - (span - 1)).clamp(min=0)
+    sink_pos = torch.arange(sink, device=device).expand(len(t), sink)
+    window_start = (t - window + 1).clamp(min=sink)
+    win_pos = window_start[:, None] + torch.arange(window, device=device)
+    mask = torch.cat((sink_pos <= t[:, None], win_pos <= t[:, None]), dim=-1)
+    positions = torch.cat((sink_pos, win_pos), dim=-1)
+    positions = torch.minimum(positions, t[:, None])  # keep masked reads in range
+
+    block_size = kv_cache.shape[2]
+    blocks = torch.gather(block_table.long(), 1, positions // block_size)
+    kv = kv_cache[blocks, :, positions % block_size, :]  # [B, S+W, Hkv, 2D]
+    k, v = kv.chunk(2, dim=-1)
+    k_sink = rotate(k[:, :sink], positions[:, :sink], *rope)
+    k_win = rotate(k[:, sink:], positions[:, sink:] - base[:, None], *rope)
+
+    num_kv_heads, head_size = kv_cache.shape[1], query.shape[-1]
+    q = query.view(len(t), 1, num_kv_heads, -1, head_size)
+    q_win = rotate(q, (t - base)[:, None, None], *rope)
+    q_sink = rotate(q, t.clamp(max=span - 1)[:, None, None], *rope)
+    out = _attend(q_sink, q_win, k_sink, k_win, v, mask[:, None], scale)
+    return out[:, 0].flatten(1, 2)
+
+
+def sink_attention(
+    query: torch.Tensor,
+    kv_cache: torch.Tensor,
+    block_table: torch.Tensor,
+    query_start_loc: torch.Tensor,
+    seq_lens: torch.Tensor,
+    cos_sin_cache: torch.Tensor,
+    rotary_dim: int,
+    is_neox_style: bool,
+    sink: int,
+    window: int,
+    scale: float,
+    out: torch.Tensor,
+) -> torch.Tensor:
+    """Attention of every query token of the batch; writes and returns ``out``.
+
+    ``query_start_loc`` [R+1] and ``seq_lens`` [R] (tokens after this step) are
+    read on the host. Requests with one query are batched together.
+    """
+    starts = query_start_loc.tolist()
+    lens = seq_lens.tolist()
+    rope = (cos_sin_cache, rotary_dim, is_neox_style)
+    decodes = [r for r in range(len(lens)) if starts[r + 1] - starts[r] == 1]
+    if decodes:
+        rows = torch.tensor(decodes, device=block_table.device)
+        tokens = torch.tensor([starts[r] for r in decodes], device=query.device)
+        result = _attend_decodes(
+            query[tokens],
+            kv_cache,
+            block_table[rows],
+            seq_lens[rows],
+            rope,
+            sink,
+            window,
+            scale,
+        )
+        out[tokens] = result.to(out.dtype)
+    # A tile no longer than S+W keeps every rotary position in (-(S+W), S+W).
+    tile_len = min(QUERY_TILE, sink + window)
+    for r in range(len(lens)):
+        num_queries = starts[r + 1] - starts[r]
+        if num_queries <= 1:
+            continue
+        first_pos = lens[r] - num_queries
+        for lo in range(0, num_queries, tile_len):
+            hi = min(lo + tile_len, num_queries)
+            tile = slice(starts[r] + lo, starts[r] + hi)
+            out[tile] = _attend_tile(
+                query[tile],
+                kv_cache,
+                block_table[r],
+                first_pos + lo,
+                first_pos + hi - 1,
+                rope,
+                sink,
+                window,
+                scale,
+            ).to(out.dtype)
+    return out

@@ -1,0 +1,235 @@
+"""Sink-mode configuration: what the user asked for, validated at start-up.
+
+The configuration travels to every vLLM process inside
+``VllmConfig.additional_config["attention_sink"] = {"sink": S, "window": W}``
+(pickled with the config), so every process reads it from there and nowhere else.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import asdict, dataclass
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from vllm.config import VllmConfig
+
+logger = logging.getLogger("vllm_sink")
+
+CONFIG_KEY = "attention_sink"
+DEFAULT_SINK = 4
+
+
+class SinkConfigError(ValueError):
+    """A sink-mode setting is invalid; the message names the flag and the fix."""
+
+
+def _as_count(name: str, value: Any, minimum: int) -> int:
+    flag = "--attention-sink" if name == "sink" else "--window"
+    if isinstance(value, bool) or not isinstance(value, int):
+        if isinstance(value, str) and value.strip().lstrip("-").isdigit():
+            value = int(value)
+        else:
+            raise SinkConfigError(
+                f"{flag} ({CONFIG_KEY}.{name}) must be an integer, got {value!r}. "
+                f"Fix: pass a whole number, e.g. {flag} "
+                f"{DEFAULT_SINK if name == 'sink' else 2048}."
+            )
+    if value < minimum:
+        raise SinkConfigError(
+            f"{flag} ({CONFIG_KEY}.{name}) must be >= {minimum}, got {value}. "
+            f"Fix: pass {flag} {max(minimum, DEFAULT_SINK if name == 'sink' else 1)} "
+            "or larger."
+        )
+    return value
+
+
+@dataclass(frozen=True)
+class SinkConfig:
+    """StreamingLLM attention: ``sink`` first tokens plus the last ``window``.
+
+    Invariants: ``sink >= 0`` (0 is plain window attention, the paper's failing
+    baseline) and ``window >= 1`` (the current token is always in the window).
+    """
+
+    sink: int = DEFAULT_SINK
+    window: int = 2048
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "sink", _as_count("sink", self.sink, 0))
+        object.__setattr__(self, "window", _as_count("window", self.window, 1))
+
+    @property
+    def span(self) -> int:
+        """Largest number of keys any query sees; positions stay below it."""
+        return self.sink + self.window
+
+    def to_dict(self) -> dict[str, int]:
+        return asdict(self)
+
+    def additional_config(self) -> dict[str, dict[str, int]]:
+        """The value to pass as ``LLM(..., additional_config=...)``."""
+        return {CONFIG_KEY: self.to_dict()}
+
+    @classmethod
+    def from_value(cls, value: Any) -> SinkConfig:
+        """Parse ``additional_config["attention_sink"]`` (a dict or a SinkConfig)."""
+        if isinstance(value, SinkConfig):
+            return value
+        if not isinstance(value, dict):
+            raise SinkConfigError(
+                f'additional_config["{CONFIG_KEY}"] must be a dict like '
+                f'{{"sink": 4, "window": 2048}}, got {value!r}.'
+            )
+        unknown = set(value) - {"sink", "window"}
+        if unknown:
+            raise SinkConfigError(
+                f'additional_config["{CONFIG_KEY}"] has unknown keys '
+                f"{sorted(unknown)}; the keys are 'sink' and 'window'."
+            )
+        if "window" not in value:
+            raise SinkConfigError(
+                "--window is required in sink mode (the number of recent tokens "
+                "kept). Fix: add --window 2048 (or "
+                f'additional_config["{CONFIG_KEY}"]["window"]).'
+            )
+        return cls(sink=value.get("sink", DEFAULT_SINK), window=value["window"])
+
+
+def from_flags(sink: int | None, window: int | None) -> SinkConfig | None:
+    """Resolve the CLI flags; ``--window`` alone means ``--attention-sink 4``."""
+    if sink is None and window is None:
+        return None
+    if window is None:
+        raise SinkConfigError(
+            "--attention-sink needs --window (how many recent tokens to keep). "
+            f"Fix: add --window 2048, e.g. --attention-sink {sink} --window 2048."
+        )
+    return SinkConfig(sink=DEFAULT_SINK if sink is None else sink, window=window)
+
+
+def get_sink_config(vllm_config: VllmConfig | None) -> SinkConfig | None:
+    """The sink configuration of a vLLM config, or None outside sink mode."""
+    if vllm_config is None:
+        return None
+    extra = getattr(vllm_config, "additional_config", None) or {}
+    if not isinstance(extra, dict) or extra.get(CONFIG_KEY) is None:
+        return None
+    return SinkConfig.from_value(extra[CONFIG_KEY])
+
+
+def current_sink_config() -> SinkConfig | None:
+    """The sink configuration of the vLLM config being built or run, if any."""
+    from vllm.config import get_current_vllm_config_or_none
+
+    return get_sink_config(get_current_vllm_config_or_none())
+
+
+def check_model(cfg: SinkConfig, vllm_config: VllmConfig) -> None:
+    """Refuse models and settings sink mode cannot serve (DESIGN.md §3)."""
+    model_config = vllm_config.model_config
+    name = model_config.model
+    hf = model_config.hf_text_config
+    max_pos = getattr(hf, "max_position_embeddings", None)
+    if max_pos is not None and cfg.span > max_pos:
+        raise SinkConfigError(
+            f"--attention-sink {cfg.sink} + --window {cfg.window} = {cfg.span} "
+            f"exceeds {name}'s max_position_embeddings ({max_pos}): rotary "
+            "positions in sink mode go up to sink+window-1. Fix: choose "
+            f"--window {max(1, max_pos - cfg.sink)} or smaller."
+        )
+    refusals = [
+        (model_config.uses_mrope, "multimodal rotary embeddings (mrope)"),
+        (model_config.use_mla, "multi-head latent attention (MLA)"),
+        (model_config.is_hybrid, "hybrid attention/mamba layers"),
+        (model_config.is_attention_free, "no attention layers"),
+        (vllm_config.speculative_config is not None, "speculative decoding"),
+    ]
+    for refused, what in refusals:
+        if refused:
+            raise SinkConfigError(
+                f"Sink mode (--attention-sink/--window) does not support {what} "
+                f"({name}). Fix: drop --attention-sink/--window, or use a decoder "
+                "model with standard rotary embeddings (Llama, Mistral, Qwen2, "
+                "GPT-NeoX, ...) without speculative decoding."
+            )
+    sliding = model_config.get_sliding_window()
+    if sliding is not None and sliding < cfg.span:
+        raise SinkConfigError(
+            f"{name} has built-in sliding-window layers of {sliding} tokens, "
+            f"narrower than --attention-sink + --window = {cfg.span}. Fix: choose "
+            f"--window {max(1, sliding - cfg.sink)} or smaller."
+        )
+
+
+def apply_to_vllm_config(cfg: SinkConfig, vllm_config: VllmConfig) -> None:
+    """Switch off what would bypass or contradict sink attention."""
+    cache_config = vllm_config.cache_config
+    if cache_config.enable_prefix_caching:
+        logger.info(
+            "vllm-sink: prefix caching is off in sink mode (sink-aware reuse of "
+            "pinned and window blocks is not implemented yet)."
+        )
+        cache_config.enable_prefix_caching = False
+    passes = vllm_config.compilation_config.pass_config
+    # These passes fuse rotary into the KV-cache write or q/k-norm; sink mode
+    # rotates at read, so a fused rotary would silently rotate keys twice.
+    for name in (
+        "fuse_rope_kvcache",
+        "fuse_qk_norm_rope_kvcache",
+        "enable_qk_norm_rope_fusion",
+    ):
+        if getattr(passes, name, None):
+            setattr(passes, name, False)
+    logger.info(
+        "vllm-sink: sink mode on: %d sink tokens + %d-token window "
+        "(rotary positions stay below %d).",
+        cfg.sink,
+        cfg.window,
+        cfg.span,
+    )
+
+
+def _max_model_len_beyond_model(engine_args: Any) -> bool:
+    return bool(engine_args.max_model_len) and engine_args.max_model_len > 0
+
+
+def install() -> None:
+    """Validate and apply sink mode wherever vLLM builds its config."""
+    import os
+
+    from vllm.engine.arg_utils import EngineArgs
+
+    from vllm_sink.patching import wrap_method
+
+    @wrap_method(
+        EngineArgs,
+        "create_engine_config",
+        reason="validate sink mode and switch off what contradicts it",
+        diff="0002-engine-config-sink-mode.diff",
+    )
+    def create_engine_config(original, self, *args, **kwargs):
+        extra = self.additional_config if isinstance(self.additional_config, dict) else {}
+        if extra.get(CONFIG_KEY) is None:
+            return original(self, *args, **kwargs)
+        cfg = SinkConfig.from_value(extra[CONFIG_KEY])
+        self.additional_config = {**extra, CONFIG_KEY: cfg.to_dict()}
+        if self.attention_backend is None:
+            # CUSTOM is this plugin's backend (registered by register()).
+            self.attention_backend = "CUSTOM"
+        # Positions stay below S+W in sink mode, so a max_model_len beyond the
+        # model's context is sound here (vLLM refuses it by default).
+        key = "VLLM_ALLOW_LONG_MAX_MODEL_LEN"
+        saved = os.environ.get(key)
+        if _max_model_len_beyond_model(self):
+            os.environ[key] = "1"
+        try:
+            vllm_config = original(self, *args, **kwargs)
+        finally:
+            if saved is None:
+                os.environ.pop(key, None)
+            else:
+                os.environ[key] = saved
+        check_model(cfg, vllm_config)
+        apply_to_vllm_config(cfg, vllm_config)
+        return vllm_config

@@ -1,0 +1,88 @@
+"""The one place the plugin replaces vLLM attributes at run time.
+
+Every replacement is recorded with the reason and the upstream-ready diff in
+``patches/`` that would make it unnecessary, so the set of monkeypatches can be
+listed and checked (see ``installed_patches``). Each replacement keeps vLLM's
+behaviour unchanged unless the vLLM config in play enables sink mode.
+"""
+
+from __future__ import annotations
+
+import functools
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+
+@dataclass(frozen=True)
+class Patch:
+    """One replaced attribute: ``owner.name`` now points at our wrapper."""
+
+    owner: type
+    name: str
+    reason: str
+    diff: str  # file name under patches/
+
+    @property
+    def target(self) -> str:
+        return f"{self.owner.__module__}.{self.owner.__qualname__}.{self.name}"
+
+
+_PATCHES: dict[tuple[type, str], Patch] = {}
+
+
+def installed_patches() -> list[Patch]:
+    """The monkeypatches installed in this process, in installation order."""
+    return list(_PATCHES.values())
+
+
+def wrap_method(
+    owner: type,
+    name: str,
+    *,
+    reason: str,
+    diff: str,
+    kind: str = "method",
+) -> Callable[[Callable[..., Any]], Callable[..., Any]]:
+    """Replace ``owner.name`` by the decorated function, once per process.
+
+    The decorated function receives the original (unbound) callable as its
+    first argument. ``kind`` is "method", "classmethod" or "staticmethod".
+    """
+
+    def decorate(wrapper: Callable[..., Any]) -> Callable[..., Any]:
+        if (owner, name) in _PATCHES:
+            return wrapper
+        raw = owner.__dict__.get(name)
+        original = getattr(owner, name) if raw is None else raw
+        if kind == "method":
+            func = original
+
+            @functools.wraps(func)
+            def method(*args: Any, **kwargs: Any) -> Any:
+                return wrapper(func, *args, **kwargs)
+
+            new: Any = method
+        elif kind == "classmethod":
+            func = original.__func__ if isinstance(original, classmethod) else original
+
+            @functools.wraps(func)
+            def cmethod(cls: type, *args: Any, **kwargs: Any) -> Any:
+                return wrapper(func.__get__(cls), *args, **kwargs)
+
+            new = classmethod(cmethod)
+        elif kind == "staticmethod":
+            func = original.__func__ if isinstance(original, staticmethod) else original
+
+            @functools.wraps(func)
+            def smethod(*args: Any, **kwargs: Any) -> Any:
+                return wrapper(func, *args, **kwargs)
+
+            new = staticmethod(smethod)
+        else:
+            raise ValueError(f"unknown kind {kind!r}")
+        setattr(owner, name, new)
+        _PATCHES[(owner, name)] = Patch(owner, name, reason, diff)
+        return wrapper
+
+    return decorate
