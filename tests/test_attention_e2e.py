@@ -79,9 +79,7 @@ def test_continuous_batching_each_equals_solo_oracle(tiny_llama):
     sink, window = 4, 27
     prompts = [PROMPT[:n] for n in (7, 100, 33, 64, 2)]
     max_tokens = [180, 60, 150, 20, 200]
-    jobs = [
-        Job(tiny_llama, sink, window, p, n) for p, n in zip(prompts, max_tokens)
-    ]
+    jobs = [Job(tiny_llama, sink, window, p, n) for p, n in zip(prompts, max_tokens)]
     refs = references(jobs)
     llm = make_llm(tiny_llama, sink, window, max_num_seqs=3)
     try:

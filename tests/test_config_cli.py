@@ -9,7 +9,7 @@ import sys
 from pathlib import Path
 
 import pytest
-from conftest import make_llm, shutdown
+from conftest import make_llm
 
 import vllm_sink
 from vllm_sink import SinkConfig, SinkConfigError
@@ -89,7 +89,10 @@ def test_serve_help_lists_flags_in_their_own_group():
     "flags, message",
     [
         (["--window", "-3"], "--window must be >= 1"),
-        (["--attention-sink", "x", "--window", "8"], "--attention-sink must be an integer"),
+        (
+            ["--attention-sink", "x", "--window", "8"],
+            "--attention-sink must be an integer",
+        ),
         (["--attention-sink", "4"], "--attention-sink needs --window"),
         (["--attention-sink", "4", "--window", "300"], "max_position_embeddings"),
     ],

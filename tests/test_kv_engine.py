@@ -33,7 +33,9 @@ def test_streams_far_beyond_the_pool_keep_kv_usage_flat(tiny_llama):
         disable_log_stats=False,
     )
     engine = llm.llm_engine
-    params = SamplingParams(max_tokens=STREAM_TOKENS - 10, temperature=0, ignore_eos=True)
+    params = SamplingParams(
+        max_tokens=STREAM_TOKENS - 10, temperature=0, ignore_eos=True
+    )
     for i in range(2):
         engine.add_request(f"s{i}", {"prompt_token_ids": list(range(3, 13))}, params)
     usage, finished, steps = [], {}, 0
@@ -49,8 +51,10 @@ def test_streams_far_beyond_the_pool_keep_kv_usage_flat(tiny_llama):
         shutdown(llm)
     assert finished == {"s0": STREAM_TOKENS - 10, "s1": STREAM_TOKENS - 10}
     after_fill = usage[4:-2]  # the window is full after 64 steps
-    print(f"KV usage: start {usage[0]:.3f} end {after_fill[-1]:.3f} "
-          f"min {min(after_fill):.3f} max {max(after_fill):.3f}")
+    print(
+        f"KV usage: start {usage[0]:.3f} end {after_fill[-1]:.3f} "
+        f"min {min(after_fill):.3f} max {max(after_fill):.3f}"
+    )
     assert max(after_fill) - min(after_fill) <= 2 / POOL_BLOCKS  # boundary jitter
     assert max(after_fill) < 1.0
 

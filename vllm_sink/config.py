@@ -17,6 +17,10 @@ if TYPE_CHECKING:
 logger = logging.getLogger("vllm_sink")
 
 CONFIG_KEY = "attention_sink"
+
+# The sink config of the engine most recently configured in this process (the
+# API server or the LLM's process): the front-end checks that know no config.
+front_end_config: SinkConfig | None = None
 DEFAULT_SINK = 4
 
 
@@ -209,8 +213,12 @@ def install() -> None:
         diff="0002-engine-config-sink-mode.diff",
     )
     def create_engine_config(original, self, *args, **kwargs):
-        extra = self.additional_config if isinstance(self.additional_config, dict) else {}
+        global front_end_config
+        extra = (
+            self.additional_config if isinstance(self.additional_config, dict) else {}
+        )
         if extra.get(CONFIG_KEY) is None:
+            front_end_config = None
             return original(self, *args, **kwargs)
         cfg = SinkConfig.from_value(extra[CONFIG_KEY])
         self.additional_config = {**extra, CONFIG_KEY: cfg.to_dict()}
@@ -232,4 +240,8 @@ def install() -> None:
                 os.environ[key] = saved
         check_model(cfg, vllm_config)
         apply_to_vllm_config(cfg, vllm_config)
+        from vllm_sink import metrics
+
+        metrics.start_front_end(cfg)
+        front_end_config = cfg
         return vllm_config

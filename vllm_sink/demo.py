@@ -60,7 +60,9 @@ def main(argv: list[str] | None = None) -> int:
         additional_config=cfg.additional_config(),
     )
     engine = llm.llm_engine
-    params = SamplingParams(max_tokens=args.tokens, temperature=0.8, seed=0, ignore_eos=True)
+    params = SamplingParams(
+        max_tokens=args.tokens, temperature=0.8, seed=0, ignore_eos=True
+    )
     engine.add_request("stream", args.prompt, params)
     print(f"{'tokens':>8} {'tok/s':>8} {'KV blocks':>10}  text")
     start, done, next_report = time.perf_counter(), 0, args.every

@@ -21,6 +21,7 @@ from vllm.v1.kv_cache_interface import (
 from vllm.v1.kv_cache_spec_registry import KVCacheSpecRegistry
 
 from vllm_sink.config import SinkConfig, SinkConfigError, get_sink_config
+from vllm_sink.metrics import engine_stats
 
 if TYPE_CHECKING:
     from vllm.config import VllmConfig
@@ -80,7 +81,19 @@ class SinkWindowManager(FullAttentionManager):
         window_start = max(self.sink, processed_computed_tokens - self.window + 1)
         first_gap_block = cdiv(self.sink, self.block_size)
         last_gap_block = window_start // self.block_size  # exclusive
+        free_before = self.block_pool.get_num_free_blocks()
         self._remove_blocks_in_range(request_id, first_gap_block, last_gap_block)
+        engine_stats.update(
+            self.block_pool.get_num_free_blocks() - free_before, self._pinned_blocks()
+        )
+
+    def free(self, request_id: str) -> None:
+        super().free(request_id)
+        engine_stats.update(0, self._pinned_blocks())
+
+    def _pinned_blocks(self) -> int:
+        pinned = cdiv(self.sink, self.block_size)
+        return sum(min(pinned, len(b)) for b in self.req_to_blocks.values())
 
 
 def sink_spec_from(spec: KVCacheSpec, cfg: SinkConfig) -> KVCacheSpec:

@@ -18,17 +18,19 @@ from typing import Any
 class Patch:
     """One replaced attribute: ``owner.name`` now points at our wrapper."""
 
-    owner: type
+    owner: Any  # a class, or a module for kind="function"
     name: str
     reason: str
     diff: str  # file name under patches/
 
     @property
     def target(self) -> str:
-        return f"{self.owner.__module__}.{self.owner.__qualname__}.{self.name}"
+        if isinstance(self.owner, type):
+            return f"{self.owner.__module__}.{self.owner.__qualname__}.{self.name}"
+        return f"{self.owner.__name__}.{self.name}"
 
 
-_PATCHES: dict[tuple[type, str], Patch] = {}
+_PATCHES: dict[tuple[Any, str], Patch] = {}
 
 
 def installed_patches() -> list[Patch]:
@@ -37,7 +39,7 @@ def installed_patches() -> list[Patch]:
 
 
 def wrap_method(
-    owner: type,
+    owner: Any,
     name: str,
     *,
     reason: str,
@@ -47,7 +49,8 @@ def wrap_method(
     """Replace ``owner.name`` by the decorated function, once per process.
 
     The decorated function receives the original (unbound) callable as its
-    first argument. ``kind`` is "method", "classmethod" or "staticmethod".
+    first argument. ``kind`` is "method", "classmethod", "staticmethod",
+    "property" (the getter is wrapped) or "function" (``owner`` is a module).
     """
 
     def decorate(wrapper: Callable[..., Any]) -> Callable[..., Any]:
@@ -71,6 +74,22 @@ def wrap_method(
                 return wrapper(func.__get__(cls), *args, **kwargs)
 
             new = classmethod(cmethod)
+        elif kind == "property":
+            func = original.fget
+
+            @functools.wraps(func)
+            def getter(self: Any) -> Any:
+                return wrapper(func, self)
+
+            new = property(getter)
+        elif kind == "function":  # a module-level function: owner is the module
+            func = original
+
+            @functools.wraps(func)
+            def function(*args: Any, **kwargs: Any) -> Any:
+                return wrapper(func, *args, **kwargs)
+
+            new = function
         elif kind == "staticmethod":
             func = original.__func__ if isinstance(original, staticmethod) else original
 

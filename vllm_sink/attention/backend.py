@@ -151,7 +151,9 @@ class SinkAttentionBackend(AttentionBackend):
 def use_triton(device: torch.device) -> bool:
     choice = os.environ.get(KERNEL_ENV, "").strip().lower()
     if choice not in ("", "torch", "triton"):
-        raise SinkConfigError(f"{KERNEL_ENV} must be 'torch' or 'triton', got {choice!r}")
+        raise SinkConfigError(
+            f"{KERNEL_ENV} must be 'torch' or 'triton', got {choice!r}"
+        )
     if choice:
         return choice == "triton"
     return device.type == "cuda"

@@ -67,7 +67,11 @@ def write_kv(
     slots = slot_mapping.long()
     valid = slots >= 0
     if not bool(valid.all()):
-        slots, key, value = slots[valid], key[:num_tokens][valid], value[:num_tokens][valid]
+        slots, key, value = (
+            slots[valid],
+            key[:num_tokens][valid],
+            value[:num_tokens][valid],
+        )
     block_size = kv_cache.shape[2]
     head_size = key.shape[-1]
     blocks, offsets = slots // block_size, slots % block_size

@@ -1,0 +1,77 @@
+"""Offline LLM.generate past max_model_len: rollover and long prompts."""
+
+from __future__ import annotations
+
+import pytest
+from conftest import make_llm, shutdown
+from reference import Job, references
+from vllm import SamplingParams
+
+MAX_LEN = 128
+SINK, WINDOW = 4, 20
+ASCII = list(range(32, 127))
+LONG_PROMPT = tuple((i * 7) % 250 + 3 for i in range(300))
+
+
+@pytest.fixture(scope="module")
+def llm(tiny_llama):
+    engine = make_llm(tiny_llama, SINK, WINDOW, max_model_len=MAX_LEN)
+    yield engine
+    shutdown(engine)
+
+
+def test_generation_far_past_max_model_len_is_one_stream(llm):
+    params = SamplingParams(
+        max_tokens=6 * MAX_LEN,
+        temperature=0,
+        ignore_eos=True,
+        logprobs=0,
+        allowed_token_ids=ASCII,
+    )
+    (out,) = llm.generate([{"prompt_token_ids": list(range(40, 80))}], params)
+    completion = out.outputs[0]
+    assert len(completion.token_ids) == 6 * MAX_LEN
+    assert completion.finish_reason == "length"
+    assert len(completion.logprobs) == 6 * MAX_LEN
+    assert out.prompt_token_ids == list(range(40, 80))
+    tokenizer = llm.get_tokenizer()
+    assert completion.text == tokenizer.decode(completion.token_ids)
+
+
+def test_prompt_longer_than_max_model_len_streams_through(llm, tiny_llama):
+    params = SamplingParams(
+        max_tokens=20, temperature=0, ignore_eos=True, prompt_logprobs=0
+    )
+    (out,) = llm.generate([{"prompt_token_ids": list(LONG_PROMPT)}], params)
+    assert len(out.outputs[0].token_ids) == 20
+    lps = [d[t].logprob for d, t in zip(out.prompt_logprobs[1:], LONG_PROMPT[1:])]
+    assert len(lps) == len(LONG_PROMPT) - 1
+    # The first segment is an exact stream: equal to the oracle there.
+    (ref,) = references([Job(tiny_llama, SINK, WINDOW, LONG_PROMPT, 1)])
+    first = MAX_LEN - 2
+    assert max(abs(a - b) for a, b in zip(lps[:first], ref.prompt_logprobs)) < 1e-4
+
+
+def test_seeded_sampling_is_reproducible_across_rollovers(llm):
+    params = SamplingParams(
+        max_tokens=3 * MAX_LEN, temperature=1.0, seed=7, ignore_eos=True
+    )
+    prompt = [{"prompt_token_ids": list(range(3, 30))}]
+    first = llm.generate(prompt, params)[0].outputs[0].token_ids
+    second = llm.generate(prompt, params)[0].outputs[0].token_ids
+    assert first == second and len(first) == 3 * MAX_LEN
+
+
+def test_abort_stops_a_rolled_over_stream(llm):
+    engine = llm.llm_engine
+    params = SamplingParams(max_tokens=10 * MAX_LEN, temperature=0, ignore_eos=True)
+    engine.add_request("long", {"prompt_token_ids": list(range(3, 20))}, params)
+    steps = 0
+    while steps < 3 * MAX_LEN:  # past at least two rollovers
+        engine.step()
+        steps += 1
+    engine.abort_request(["long"])
+    while engine.has_unfinished_requests():
+        engine.step()
+    assert not engine.has_unfinished_requests()
+    assert not engine.__dict__["_sink_streams"].by_user

@@ -1,0 +1,531 @@
+"""Unbounded streams past max_model_len: one user request, a chain of engine requests.
+
+vLLM caps every request at ``max_model_len`` (prompt validation, default
+max_tokens, stop check, scheduler budget, per-request worker buffers). In sink
+mode a request only ever attends to its S sink tokens and last W tokens, so
+when a request would pass ``max_model_len`` it *rolls over*: it continues as a
+new engine request whose prompt is the sink tokens plus the last W tokens of
+the stream (the next token sees exactly those keys). Prompts longer than
+``max_model_len`` are fed the same way, in prefill-only segments whose sampled
+token is discarded.
+
+The caller sees one stream: one request id, the original prompt, continuous
+token ids / text / logprobs, usage over the whole stream, ``finish_reason``
+only at the real end. Segment ``k`` samples with ``seed + k`` (reproducible).
+Re-seeded window keys are recomputed from the shorter context, so outputs after
+a rollover differ slightly from a stream that never rolled over; a stop string
+spanning a seam is not detected.
+"""
+
+from __future__ import annotations
+
+import copy
+import threading
+from dataclasses import dataclass, field, replace
+from typing import Any
+
+from vllm.inputs.engine import tokens_input
+from vllm.outputs import RequestOutput
+from vllm.sampling_params import RequestOutputKind, SamplingParams
+
+from vllm_sink.config import SinkConfig, SinkConfigError
+
+SEGMENT_SEP = "~sink"
+SEED_STRIDE = 1_000_003
+
+
+@dataclass
+class Segment:
+    """One engine request of a stream."""
+
+    engine_id: str
+    prompt_ids: list[int]
+    num_seed: int  # leading prompt tokens that re-seed sinks + window
+    prefill_only: bool  # feeds prompt tokens; its sampled token is dropped
+    params: SamplingParams
+
+
+@dataclass
+class Stream:
+    """A user request served as a chain of segments (see module docstring)."""
+
+    request_id: str
+    prompt_ids: list[int]
+    prompt_text: str | None
+    params: SamplingParams
+    cfg: SinkConfig
+    max_model_len: int
+    pending: list[int] = field(default_factory=list)
+    sinks: list[int] = field(default_factory=list)
+    recent: list[int] = field(default_factory=list)
+    tokens: list[int] = field(default_factory=list)
+    text: str = ""
+    logprobs: list | None = None
+    cumulative_logprob: float | None = None
+    prompt_logprobs: list | None = None
+    segments: int = 0
+    current: Segment | None = None
+    seg_tokens: list[int] = field(default_factory=list)
+    seg_text: str = ""
+    seg_logprobs: list = field(default_factory=list)
+    seg_cumulative: float | None = None
+    done: bool = False
+
+    def __post_init__(self) -> None:
+        self.pending = list(self.prompt_ids)
+        if self.params.logprobs is not None:
+            self.logprobs = []
+            self.cumulative_logprob = 0.0
+        if self.params.prompt_logprobs is not None:
+            self.prompt_logprobs = [None]
+
+    @property
+    def rollovers(self) -> int:
+        return max(0, self.segments - 1)
+
+    def _remember(self, token_ids: list[int]) -> None:
+        """Keep only what a seed needs: the first S and the last W tokens."""
+        need = self.cfg.sink - len(self.sinks)
+        if need > 0:
+            self.sinks.extend(token_ids[:need])
+            token_ids = token_ids[need:]
+        self.recent.extend(token_ids)
+        del self.recent[: max(0, len(self.recent) - self.cfg.window)]
+
+    def next_segment(self) -> Segment:
+        seed = self.sinks + self.recent
+        room = self.max_model_len - len(seed) - 1
+        if room < 1:
+            raise SinkConfigError(
+                f"--max-model-len {self.max_model_len} leaves no room past the "
+                f"{len(seed)}-token seed of a rollover. Fix: --max-model-len "
+                f"{2 * self.cfg.span} or more."
+            )
+        chunk, self.pending = self.pending[:room], self.pending[room:]
+        prompt = seed + chunk
+        self._remember(chunk)
+        prefill_only = bool(self.pending)
+        left = self.params.max_tokens - len(self.tokens)
+        params = copy.copy(self.params)
+        params.max_tokens = (
+            1 if prefill_only else min(left, self.max_model_len - len(prompt))
+        )
+        params.min_tokens = (
+            0 if prefill_only else max(0, params.min_tokens - len(self.tokens))
+        )
+        if self.params.seed is not None:
+            params.seed = self.params.seed + SEED_STRIDE * self.segments
+        if prefill_only:
+            params.output_kind = RequestOutputKind.FINAL_ONLY
+        suffix = f"{SEGMENT_SEP}{self.segments}" if self.segments else ""
+        self.segments += 1
+        self.current = Segment(
+            f"{self.request_id}{suffix}", prompt, len(seed), prefill_only, params
+        )
+        self.seg_tokens, self.seg_text, self.seg_logprobs = [], "", []
+        self.seg_cumulative = None
+        self._took_prompt_logprobs = False
+        return self.current
+
+    def engine_input(self, segment: Segment) -> dict[str, Any]:
+        return tokens_input(segment.prompt_ids)
+
+    def _take_prompt_logprobs(self, out: RequestOutput) -> None:
+        if self.prompt_logprobs is None or out.prompt_logprobs is None:
+            return
+        if self._took_prompt_logprobs:
+            return
+        self._took_prompt_logprobs = True
+        seg = self.current
+        first_new = max(seg.num_seed, 1)
+        self.prompt_logprobs.extend(out.prompt_logprobs[first_new:])
+
+    def accept(self, out: RequestOutput) -> tuple[RequestOutput | None, bool]:
+        """Map a segment's output to the user's stream.
+
+        Returns the output to hand to the caller (or None) and whether a new
+        segment must be started now.
+        """
+        seg = self.current
+        self._take_prompt_logprobs(out)
+        if seg.prefill_only:
+            if not out.finished:
+                return None, False
+            if out.outputs[0].finish_reason == "abort":
+                self.done = True
+                return self._user_output(out, delta=False), False
+            return None, True
+        completion = out.outputs[0]
+        delta = seg.params.output_kind == RequestOutputKind.DELTA
+        if delta:
+            self.seg_tokens.extend(completion.token_ids)
+            self.seg_text += completion.text
+            if completion.logprobs:
+                self.seg_logprobs.extend(completion.logprobs)
+        else:
+            self.seg_tokens = list(completion.token_ids)
+            self.seg_text = completion.text
+            self.seg_logprobs = list(completion.logprobs or [])
+        self.seg_cumulative = completion.cumulative_logprob
+        roll = False
+        if out.finished:
+            roll = self._close_segment(completion.finish_reason)
+        user = self._user_output(out, delta=delta)
+        if roll:
+            user.finished = False
+            user.outputs[0] = replace(
+                user.outputs[0], finish_reason=None, stop_reason=None
+            )
+            if seg.params.output_kind == RequestOutputKind.FINAL_ONLY:
+                user = None
+        return user, roll
+
+    def _close_segment(self, finish_reason: str | None) -> bool:
+        """Fold the finished segment into the stream; True to roll over."""
+        self.tokens.extend(self.seg_tokens)
+        self.text += self.seg_text
+        if self.logprobs is not None:
+            self.logprobs.extend(self.seg_logprobs)
+            self.cumulative_logprob += self.seg_cumulative or 0.0
+        self._remember(self.seg_tokens)
+        hit_cap = (
+            len(self.current.prompt_ids) + len(self.seg_tokens) >= self.max_model_len
+        )
+        more = len(self.tokens) < self.params.max_tokens
+        roll = finish_reason == "length" and hit_cap and more
+        self.done = not roll
+        return roll
+
+    def _user_output(self, out: RequestOutput, delta: bool) -> RequestOutput:
+        completion = out.outputs[0]
+        closed = out.finished
+        if delta:
+            user_completion = completion
+        else:
+            tokens = self.tokens if closed else self.tokens + self.seg_tokens
+            text = self.text if closed else self.text + self.seg_text
+            logprobs = None
+            cumulative = None
+            if self.logprobs is not None:
+                logprobs = (
+                    self.logprobs if closed else self.logprobs + self.seg_logprobs
+                )
+                cumulative = self.cumulative_logprob + (
+                    0.0 if closed else (self.seg_cumulative or 0.0)
+                )
+            user_completion = replace(
+                completion,
+                token_ids=list(tokens),
+                text=text,
+                logprobs=logprobs,
+                cumulative_logprob=cumulative,
+            )
+        user = copy.copy(out)
+        user.request_id = self.request_id
+        user.prompt_token_ids = self.prompt_ids
+        user.prompt = self.prompt_text
+        user.prompt_logprobs = self.prompt_logprobs
+        if delta and self.segments > 1 and not self._first_visible:
+            user.prompt_logprobs = None
+        self._first_visible = False
+        user.outputs = [user_completion]
+        return user
+
+    _first_visible: bool = True
+    _took_prompt_logprobs: bool = False
+
+
+def plan_stream(
+    request_id: str,
+    prompt: Any,
+    params: Any,
+    cfg: SinkConfig | None,
+    max_model_len: int,
+    tokenizer: Any = None,
+) -> Stream | None:
+    """A Stream when this request needs rollover, else None (vLLM as usual)."""
+    if cfg is None or not isinstance(params, SamplingParams):
+        return None
+    ids, text = _prompt_ids(prompt, tokenizer)
+    if ids is None:
+        return None
+    if params.max_tokens is None:
+        params = copy.copy(params)
+        params.max_tokens = default_max_tokens(max_model_len, len(ids))
+    if len(ids) + params.max_tokens <= max_model_len:
+        return None
+    if params.n != 1:
+        raise SinkConfigError(
+            "Streams past --max-model-len support n=1 only. Fix: use n=1 or "
+            "keep prompt + max_tokens within --max-model-len."
+        )
+    return Stream(request_id, list(ids), text, params, cfg, max_model_len)
+
+
+def default_max_tokens(max_model_len: int, prompt_len: int) -> int:
+    """vLLM's default (fill the context), but at least 16 after a long prompt."""
+    return max(16, max_model_len - prompt_len)
+
+
+def _prompt_ids(prompt: Any, tokenizer: Any) -> tuple[list[int] | None, str | None]:
+    if isinstance(prompt, dict) and "prompt_token_ids" in prompt:
+        if prompt.get("type", "token") != "token":
+            return None, None
+        return list(prompt["prompt_token_ids"]), prompt.get("prompt")
+    if isinstance(prompt, dict) and isinstance(prompt.get("prompt"), str):
+        prompt = prompt["prompt"]
+    if isinstance(prompt, str) and tokenizer is not None:
+        return list(tokenizer.encode(prompt)), prompt
+    return None, None
+
+
+class StreamTable:
+    """Streams of one engine front-end, by user id and by segment id."""
+
+    def __init__(self) -> None:
+        self.by_user: dict[str, Stream] = {}
+        self.by_engine: dict[str, Stream] = {}
+        self.lock = threading.Lock()
+
+    def start(self, stream: Stream) -> Segment:
+        with self.lock:
+            self.by_user[stream.request_id] = stream
+            return self._advance(stream)
+
+    def _advance(self, stream: Stream) -> Segment:
+        if stream.current is not None:
+            self.by_engine.pop(stream.current.engine_id, None)
+        segment = stream.next_segment()
+        self.by_engine[segment.engine_id] = stream
+        return segment
+
+    def advance(self, stream: Stream) -> Segment:
+        with self.lock:
+            return self._advance(stream)
+
+    def finish(self, stream: Stream) -> None:
+        with self.lock:
+            self.by_user.pop(stream.request_id, None)
+            if stream.current is not None:
+                self.by_engine.pop(stream.current.engine_id, None)
+
+    def engine_ids(self, request_ids: list[str], forget: bool = False) -> list[str]:
+        """Segment ids now serving these user ids; ``forget`` drops the streams."""
+        with self.lock:
+            ids = []
+            for rid in request_ids:
+                stream = self.by_user.get(rid)
+                if stream is None or stream.current is None:
+                    ids.append(rid)
+                    continue
+                ids.append(stream.current.engine_id)
+                if forget:
+                    self.by_user.pop(rid, None)
+                    self.by_engine.pop(stream.current.engine_id, None)
+            return ids
+
+
+def _table(engine: Any) -> StreamTable:
+    table = engine.__dict__.get("_sink_streams")
+    if table is None:
+        table = engine.__dict__["_sink_streams"] = StreamTable()
+    return table
+
+
+def _engine_sink_config(engine: Any) -> tuple[SinkConfig | None, int]:
+    from vllm_sink.config import get_sink_config
+
+    vllm_config = getattr(engine, "vllm_config", None)
+    return get_sink_config(vllm_config), vllm_config.model_config.max_model_len
+
+
+def _tokenizer(engine: Any) -> Any:
+    try:
+        return engine.get_tokenizer()
+    except Exception:
+        return None
+
+
+def install() -> None:
+    """Rollover in the offline engine (LLM) and the async engine (server)."""
+    from vllm.v1.engine.async_llm import AsyncLLM
+    from vllm.v1.engine.llm_engine import LLMEngine
+
+    from vllm_sink import metrics
+    from vllm_sink.patching import wrap_method
+
+    diff = "0006-streams-past-max-model-len.diff"
+
+    from vllm.entrypoints.openai.chat_completion import serving as chat_serving
+    from vllm.entrypoints.openai.completion import serving as completion_serving
+    from vllm.renderers.params import TokenizeParams
+
+    from vllm_sink import config as sink_config
+
+    @wrap_method(
+        TokenizeParams,
+        "max_input_tokens",
+        reason="no prompt-length limit (nor truncation) in sink mode",
+        diff=diff,
+        kind="property",
+    )
+    def max_input_tokens(original, self):
+        if sink_config.front_end_config is not None:
+            return None  # a prompt of any length streams through
+        return original(self)
+
+    @wrap_method(
+        TokenizeParams,
+        "__post_init__",
+        reason="accept max_tokens beyond max_model_len in sink mode",
+        diff=diff,
+    )
+    def tokenize_params_post_init(original, self):
+        total, asked = self.max_total_tokens, self.max_output_tokens
+        if (
+            sink_config.front_end_config is not None
+            and total
+            and asked
+            and asked > total
+        ):
+            # The stream rolls over; per engine request the cap still holds.
+            object.__setattr__(self, "max_output_tokens", total)
+        return original(self)
+
+    def get_max_tokens(
+        original,
+        max_model_len,
+        max_tokens,
+        input_length,
+        defaults,
+        override_max_tokens=None,
+        truncate_prompt_tokens=None,
+    ):
+        fits = input_length < max_model_len and (
+            max_tokens is None or input_length + max_tokens <= max_model_len
+        )
+        if sink_config.front_end_config is None or fits:
+            return original(
+                max_model_len,
+                max_tokens,
+                input_length,
+                defaults,
+                override_max_tokens,
+                truncate_prompt_tokens,
+            )
+        asked = max_tokens if max_tokens is not None else defaults.get("max_tokens")
+        limits = [v for v in (asked, override_max_tokens) if v is not None]
+        return (
+            min(limits) if limits else default_max_tokens(max_model_len, input_length)
+        )
+
+    for module in (completion_serving, chat_serving):
+        wrap_method(
+            module,
+            "get_max_tokens",
+            reason="max_tokens beyond max_model_len in sink mode",
+            diff=diff,
+            kind="function",
+        )(get_max_tokens)
+
+    @wrap_method(
+        LLMEngine, "add_request", reason="streams past max_model_len", diff=diff
+    )
+    def add_request(original, self, request_id, prompt, params, *args, **kwargs):
+        cfg, max_len = _engine_sink_config(self)
+        stream = plan_stream(request_id, prompt, params, cfg, max_len, _tokenizer(self))
+        if stream is None:
+            return original(self, request_id, prompt, params, *args, **kwargs)
+        segment = _table(self).start(stream)
+        original(
+            self,
+            segment.engine_id,
+            stream.engine_input(segment),
+            segment.params,
+            *args,
+            **kwargs,
+        )
+        return request_id
+
+    @wrap_method(LLMEngine, "step", reason="streams past max_model_len", diff=diff)
+    def step(original, self):
+        outputs = original(self)
+        table = self.__dict__.get("_sink_streams")
+        if table is None or not table.by_engine:
+            return outputs
+        result = []
+        for out in outputs:
+            stream = table.by_engine.get(out.request_id)
+            if stream is None:
+                result.append(out)
+                continue
+            user, roll = stream.accept(out)
+            if roll:
+                metrics.count_rollover()
+                segment = table.advance(stream)
+                original_add(self, segment, stream)
+            elif stream.done:
+                table.finish(stream)
+            if user is not None:
+                result.append(user)
+        return result
+
+    original_add_request = LLMEngine.add_request.__wrapped__
+
+    def original_add(engine, segment: Segment, stream: Stream) -> None:
+        original_add_request(
+            engine, segment.engine_id, stream.engine_input(segment), segment.params
+        )
+
+    @wrap_method(
+        LLMEngine, "abort_request", reason="streams past max_model_len", diff=diff
+    )
+    def abort_request(original, self, request_ids, *args, **kwargs):
+        table = self.__dict__.get("_sink_streams")
+        if table is not None:
+            ids = [request_ids] if isinstance(request_ids, str) else list(request_ids)
+            request_ids = table.engine_ids(ids, forget=True)
+        return original(self, request_ids, *args, **kwargs)
+
+    @wrap_method(AsyncLLM, "generate", reason="streams past max_model_len", diff=diff)
+    def generate(original, self, prompt, sampling_params, request_id, *args, **kwargs):
+        cfg, max_len = _engine_sink_config(self)
+        stream = plan_stream(
+            request_id, prompt, sampling_params, cfg, max_len, _tokenizer(self)
+        )
+        if stream is None:
+            return original(self, prompt, sampling_params, request_id, *args, **kwargs)
+        kwargs.pop("prompt_text", None)
+        return _generate_stream(original, self, stream, args, kwargs)
+
+    async def _generate_stream(original, engine, stream: Stream, args, kwargs):
+        table = _table(engine)
+        segment = table.start(stream)
+        try:
+            while True:
+                roll = False
+                async for out in original(
+                    engine,
+                    stream.engine_input(segment),
+                    segment.params,
+                    segment.engine_id,
+                    *args,
+                    **kwargs,
+                ):
+                    user, roll = stream.accept(out)
+                    if user is not None:
+                        yield user
+                if not roll:
+                    return
+                metrics.count_rollover()
+                segment = table.advance(stream)
+        finally:
+            table.finish(stream)
+
+    @wrap_method(AsyncLLM, "abort", reason="streams past max_model_len", diff=diff)
+    async def abort(original, self, request_id, *args, **kwargs):
+        table = self.__dict__.get("_sink_streams")
+        if table is not None:
+            ids = [request_id] if isinstance(request_id, str) else list(request_id)
+            request_id = table.engine_ids(ids)
+        return await original(self, request_id, *args, **kwargs)
