@@ -43,6 +43,11 @@ class Segment:
     num_seed: int  # leading prompt tokens that re-seed sinks + window
     prefill_only: bool  # feeds prompt tokens; its sampled token is dropped
     params: SamplingParams
+    offset: int  # stream tokens (prompt + generated) before this segment's new ones
+
+    def stream_position(self, num_computed_tokens: int) -> int:
+        """Stream tokens processed once this segment computed that many tokens."""
+        return self.offset + max(0, num_computed_tokens - self.num_seed)
 
 
 @dataclass
@@ -101,6 +106,7 @@ class Stream:
                 f"{len(seed)}-token seed of a rollover. Fix: --max-model-len "
                 f"{2 * self.cfg.span} or more."
             )
+        offset = len(self.prompt_ids) - len(self.pending) + len(self.tokens)
         chunk, self.pending = self.pending[:room], self.pending[room:]
         prompt = seed + chunk
         self._remember(chunk)
@@ -119,8 +125,9 @@ class Stream:
             params.output_kind = RequestOutputKind.FINAL_ONLY
         suffix = f"{SEGMENT_SEP}{self.segments}" if self.segments else ""
         self.segments += 1
+        engine_id = f"{self.request_id}{suffix}"
         self.current = Segment(
-            f"{self.request_id}{suffix}", prompt, len(seed), prefill_only, params
+            engine_id, prompt, len(seed), prefill_only, params, offset
         )
         self.seg_tokens, self.seg_text, self.seg_logprobs = [], "", []
         self.seg_cumulative = None
