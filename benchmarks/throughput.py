@@ -1,0 +1,359 @@
+"""Speed and memory of sink mode against the baselines users would pick instead.
+
+    python benchmarks/throughput.py [--model tiny|smollm2|DIR] [--window 1024]
+        [--lengths 1024,4096,16384,65536] [--streams 1,8,32] [--json F] [--png F]
+
+All rows are measured side by side in one run (machines are shared and noisy):
+
+1. Per-token decode time and KV blocks held at stream length N: sink mode
+   (the stream is brought to N by streaming a prompt through, then decoded),
+   plain vLLM dense attention (up to --dense-max, as its KV and O(N) attention
+   allow), and sliding window with re-computation (each token re-prefills its
+   last W tokens; independent of N).
+2. Aggregate decode throughput of 1/8/32 concurrent sink streams, each at
+   --stream-len tokens, against a HF transformers token-at-a-time loop with a
+   sink+window cache at batch 1 (tests/oracle.py, the pre-paged approach).
+3. Overhead: sink mode vs plain vLLM on streams shorter than S+W.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+DECODE_STEPS = 48
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--model", default="tiny")
+    parser.add_argument("--sink", type=int, default=4)
+    parser.add_argument("--window", type=int, default=1020)
+    parser.add_argument("--lengths", default="1024,4096,16384,65536")
+    parser.add_argument("--dense-max", type=int, default=16384)
+    parser.add_argument("--streams", default="1,8,32")
+    parser.add_argument("--stream-len", type=int, default=16384)
+    parser.add_argument("--dtype", default="float32")
+    parser.add_argument("--json", type=Path, default=None)
+    parser.add_argument("--png", type=Path, default=None)
+    parser.add_argument("--only", default="decode,concurrency,overhead")
+    return parser.parse_args(argv)
+
+
+def model_path(name: str) -> str:
+    """A model dir; tiny gets a long context so dense vLLM can run long too."""
+    if name == "tiny":
+        from vllm_sink.tiny_models import make_tiny_model
+
+        return make_tiny_model("llama", max_position_embeddings=131072)
+    if name == "smollm2":
+        from vllm_sink.smollm2 import smollm2_path
+
+        return smollm2_path()
+    return name
+
+
+def engine(model: str, args, sink: bool, max_model_len: int, **kw):
+    from vllm import LLM
+
+    extra = {}
+    if sink:
+        extra = {"attention_sink": {"sink": args.sink, "window": args.window}}
+    options = dict(
+        dtype=args.dtype,
+        enforce_eager=True,
+        block_size=32,
+        max_model_len=max_model_len,
+        max_num_batched_tokens=4096,
+        max_num_seqs=64,
+        enable_prefix_caching=False,
+        additional_config=extra,
+    )
+    options.update(kw)
+    return LLM(model, **options)
+
+
+def prompt_of(length: int, salt: int = 0) -> list[int]:
+    return [(i * 7919 + salt * 104729) % 250 + 3 for i in range(length)]
+
+
+def decode_time(llm, prompts: list[list[int]], steps: int = DECODE_STEPS) -> dict:
+    """Per-step decode time once every stream is past its prompt (ms)."""
+    from vllm import SamplingParams
+
+    from vllm_sink.demo import blocks_in_use
+
+    engine_ = llm.llm_engine
+    params = SamplingParams(max_tokens=steps + 8, temperature=0, ignore_eos=True)
+    for i, p in enumerate(prompts):
+        engine_.add_request(f"r{i}", {"prompt_token_ids": p}, params)
+    step_times, blocks = [], 0
+    generated = dict.fromkeys(range(len(prompts)), 0)
+    while engine_.has_unfinished_requests():
+        t0 = time.perf_counter()
+        outs = engine_.step()
+        dt = time.perf_counter() - t0
+        decoding = all(generated[i] >= 2 for i in generated)
+        for out in outs:
+            rid = int(out.request_id.split("~")[0][1:])
+            generated[rid] = len(out.outputs[0].token_ids)
+        if decoding and all(0 < n < steps + 8 for n in generated.values()):
+            step_times.append(dt)
+            blocks = max(blocks, blocks_in_use(llm))
+    median = statistics.median(step_times) if step_times else float("nan")
+    return {
+        "step_ms": 1000 * median,
+        "tok_s": len(prompts) / median,
+        "kv_blocks": blocks,
+    }
+
+
+def recompute_time(llm, window: int, repeats: int = 12) -> dict:
+    """Sliding window with re-computation: one token = a prefill of W tokens."""
+    from vllm import SamplingParams
+
+    params = SamplingParams(max_tokens=1, temperature=0)
+    prompt = {"prompt_token_ids": prompt_of(window)}
+    llm.generate([prompt], params, use_tqdm=False)  # warm-up
+    times = []
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        llm.generate([prompt], params, use_tqdm=False)
+        times.append(time.perf_counter() - t0)
+    return {"step_ms": 1000 * statistics.median(times)}
+
+
+def shutdown(llm) -> None:
+    import gc
+
+    llm.llm_engine.engine_core.shutdown()
+    del llm
+    gc.collect()
+
+
+def bench_decode(model: str, args, rows: list[dict]) -> None:
+    lengths = [int(x) for x in args.lengths.split(",")]
+    longest = max(lengths) + 2 * DECODE_STEPS
+    llm = engine(model, args, sink=True, max_model_len=min(longest, 32768))
+    for n in lengths:
+        r = decode_time(llm, [prompt_of(n)])
+        rows.append({"bench": "decode", "method": "sink", "length": n, **r})
+        print(
+            f"decode  sink      N={n:6d}  {r['step_ms']:7.2f} ms/token  "
+            f"{r['kv_blocks']:5d} blocks",
+            flush=True,
+        )
+    shutdown(llm)
+    dense_lengths = [n for n in lengths if n <= args.dense_max]
+    if dense_lengths:
+        llm = engine(model, args, sink=False, max_model_len=max(dense_lengths) + 128)
+        for n in dense_lengths:
+            r = decode_time(llm, [prompt_of(n)])
+            rows.append({"bench": "decode", "method": "dense", "length": n, **r})
+            print(
+                f"decode  dense     N={n:6d}  {r['step_ms']:7.2f} ms/token  "
+                f"{r['kv_blocks']:5d} blocks",
+                flush=True,
+            )
+        r = recompute_time(llm, args.sink + args.window)
+        for n in lengths:
+            rows.append({"bench": "decode", "method": "recompute", "length": n, **r})
+        print(
+            f"decode  recompute W={args.sink + args.window}  "
+            f"{r['step_ms']:7.2f} ms/token",
+            flush=True,
+        )
+        shutdown(llm)
+
+
+def hf_loop_tok_s(model: str, args, tokens: int = 200) -> float:
+    """HF token-at-a-time loop with a sink+window cache (batch 1), own process."""
+    code = f"""
+import sys, time
+sys.path.insert(0, {str(ROOT / "tests")!r})
+import torch
+from oracle import SinkOracle
+oracle = SinkOracle({model!r}, {args.sink}, {args.window},
+                    dtype=getattr(torch, {args.dtype!r}), num_threads=None)
+stream = oracle.stream()
+for t in range({args.sink + args.window}):
+    stream.feed(t % 250 + 3)
+t0 = time.perf_counter()
+for t in range({tokens}):
+    stream.feed(t % 250 + 3)
+print("TOKS", {tokens} / (time.perf_counter() - t0))
+"""
+    out = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, check=True
+    )
+    return float(out.stdout.split("TOKS")[1].split()[0])
+
+
+def bench_concurrency(model: str, args, rows: list[dict]) -> None:
+    counts = [int(x) for x in args.streams.split(",")]
+    hf = hf_loop_tok_s(model, args)
+    rows.append(
+        {"bench": "concurrency", "method": "hf-loop", "streams": 1, "tok_s": hf}
+    )
+    print(f"streams hf-loop   1   {hf:8.1f} tok/s", flush=True)
+    llm = engine(model, args, sink=True, max_model_len=32768)
+    for n in counts:
+        prompts = [prompt_of(args.stream_len, salt=i) for i in range(n)]
+        r = decode_time(llm, prompts)
+        rows.append(
+            {
+                "bench": "concurrency",
+                "method": "sink",
+                "streams": n,
+                **r,
+                "vs_hf": r["tok_s"] / hf,
+            }
+        )
+        print(
+            f"streams sink      {n:<3d} {r['tok_s']:8.1f} tok/s  "
+            f"{r['tok_s'] / hf:6.1f}x hf-loop  {r['kv_blocks']} blocks",
+            flush=True,
+        )
+    shutdown(llm)
+
+
+def bench_overhead(model: str, args, rows: list[dict]) -> None:
+    span = args.sink + args.window
+    short, steps = span // 4, min(DECODE_STEPS, span // 2 - 8)
+    for sink in (False, True):
+        llm = engine(model, args, sink=sink, max_model_len=span)
+        for n in (1, 8):
+            prompts = [prompt_of(short, salt=i) for i in range(n)]
+            r = decode_time(llm, prompts, steps=steps)
+            method = "sink" if sink else "dense"
+            rows.append({"bench": "overhead", "method": method, "streams": n, **r})
+            print(
+                f"short   {method:9s} {n:<3d} {r['step_ms']:7.2f} ms/step", flush=True
+            )
+        shutdown(llm)
+
+
+def summarize(rows: list[dict]) -> list[str]:
+    lines = []
+
+    def pick(bench, method, key, value):
+        for r in rows:
+            if r["bench"] == bench and r["method"] == method and r.get(key) == value:
+                return r
+        return None
+
+    decode = [r for r in rows if r["bench"] == "decode" and r["method"] == "sink"]
+    if decode:
+        first, last = decode[0], decode[-1]
+        lines.append(
+            f"sink per-token time at {last['length']} vs {first['length']}: "
+            f"{last['step_ms'] / first['step_ms']:.3f}x (target <= 1.05); "
+            f"KV blocks {first['kv_blocks']} -> {last['kv_blocks']}"
+        )
+        rec = pick("decode", "recompute", "length", first["length"])
+        if rec:
+            lines.append(
+                f"recompute / sink per token: {rec['step_ms'] / last['step_ms']:.1f}x"
+                " (paper target >= 22x on GPU)"
+            )
+    conc = [r for r in rows if r["bench"] == "concurrency" and r["method"] == "sink"]
+    if conc:
+        lines.append(
+            f"sink {conc[-1]['streams']} streams vs HF loop: "
+            f"{conc[-1]['vs_hf']:.1f}x (target >= 10x)"
+        )
+    for n in (1, 8):
+        d, s = (
+            pick("overhead", "dense", "streams", n),
+            pick("overhead", "sink", "streams", n),
+        )
+        if d and s:
+            lines.append(
+                f"overhead vs plain vLLM below S+W, {n} stream(s): "
+                f"{100 * (s['step_ms'] / d['step_ms'] - 1):+.1f}% (target <= +10%)"
+            )
+    return lines
+
+
+def plot(rows: list[dict], path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(11, 3.8))
+    for method in ("sink", "dense", "recompute"):
+        pts = [r for r in rows if r["bench"] == "decode" and r["method"] == method]
+        if pts:
+            ax1.plot(
+                [r["length"] for r in pts],
+                [r["step_ms"] for r in pts],
+                "o-",
+                label=method,
+            )
+    ax1.set(
+        xscale="log",
+        yscale="log",
+        xlabel="stream length (tokens)",
+        ylabel="ms per decoded token",
+        title="decode time vs stream length",
+    )
+    ax1.legend()
+    for method in ("sink", "dense"):
+        pts = [r for r in rows if r["bench"] == "decode" and r["method"] == method]
+        if pts:
+            ax2.plot(
+                [r["length"] for r in pts],
+                [r["kv_blocks"] for r in pts],
+                "o-",
+                label=method,
+            )
+    ax2.set(
+        xscale="log",
+        xlabel="stream length (tokens)",
+        ylabel="KV blocks held",
+        title="KV memory vs stream length",
+    )
+    ax2.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=90)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "4")
+    os.environ.setdefault("VLLM_HOST_IP", "127.0.0.1")
+    model = model_path(args.model)
+    rows: list[dict] = []
+    only = set(args.only.split(","))
+    if "concurrency" in only:  # first: its HF loop must not follow vLLM's imports
+        bench_concurrency(model, args, rows)
+    if "decode" in only:
+        bench_decode(model, args, rows)
+    if "overhead" in only:
+        bench_overhead(model, args, rows)
+    print("\n".join(["", "summary:", *summarize(rows)]))
+    if args.json:
+        args.json.write_text(
+            json.dumps(
+                {"args": vars(args) | {"json": None, "png": None}, "rows": rows},
+                indent=1,
+                default=str,
+            )
+        )
+    if args.png:
+        plot(rows, args.png)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
