@@ -295,6 +295,7 @@ class SinkOracle:
         dtype: torch.dtype = torch.float32,
         *,
         num_threads: int | None = 1,
+        zero_sink: bool = False,
     ) -> None:
         if window is not None and window < 1:
             raise ValueError(f"window must be >= 1 or None, got {window}")
@@ -304,6 +305,7 @@ class SinkOracle:
         self.dtype = dtype
         self.compute_dtype = torch.promote_types(dtype, torch.float32)
         self.num_threads = num_threads
+        self.zero_sink = zero_sink  # softmax off-by-one: exp(0) in the denominator
         self.window = window
         self.sink = 0 if window is None or sink is None else sink
         self.arch = _wrap(self.model)
@@ -352,7 +354,13 @@ class SinkOracle:
         k_rot = k_rot.repeat_interleave(group, dim=0)
         v = values.to(ct).repeat_interleave(group, dim=0)
         scores = torch.einsum("hd,hnd->hn", q_rot, k_rot) * self.scale
-        probs = torch.softmax(scores, dim=-1)
+        if self.zero_sink:
+            weights = torch.exp(scores - scores.max(dim=-1, keepdim=True).values)
+            # exp(0) rescaled by the same max: the off-by-one term.
+            floor = torch.exp(-scores.max(dim=-1, keepdim=True).values)
+            probs = weights / (weights.sum(dim=-1, keepdim=True) + floor)
+        else:
+            probs = torch.softmax(scores, dim=-1)
         return torch.einsum("hn,hnd->hd", probs, v).to(self.dtype)
 
     def logits(self, token_ids: list[int]) -> Tensor:

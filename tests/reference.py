@@ -25,6 +25,7 @@ class Job:
     window: int | None
     prompt: tuple[int, ...]
     max_new_tokens: int
+    zero_sink: bool = False
 
 
 @dataclass
@@ -45,7 +46,7 @@ def _run(job: Job) -> dict:
     import torch
     from oracle import SinkOracle
 
-    oracle = SinkOracle(job.model, job.sink, job.window)
+    oracle = SinkOracle(job.model, job.sink, job.window, zero_sink=job.zero_sink)
     stream = oracle.stream()
     logits = [stream.feed(t) for t in job.prompt]
     logprobs = [torch.log_softmax(x.float(), -1) for x in logits]

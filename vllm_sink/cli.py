@@ -57,6 +57,23 @@ def add_flags(parser: argparse.ArgumentParser) -> None:
         f"(default {DEFAULT_SINK} when --window is given; 0 = window only).",
     )
     group.add_argument(
+        "--zero-sink",
+        action="store_true",
+        default=None,
+        help="Add exp(0) to every softmax denominator (SoftMax-off-by-One, the "
+        "paper's 'zero sink'), for models trained that way; any "
+        "--attention-sink, including 0.",
+    )
+    group.add_argument(
+        "--sink-token-id",
+        type=_positive_int("--sink-token-id", 0),
+        default=None,
+        metavar="ID",
+        help="A dedicated sink token (the paper's learnable sink) put at position "
+        "0 of every stream unless the prompt starts with it; counted among the "
+        "sink tokens, hidden from returned prompts and usage.",
+    )
+    group.add_argument(
         "--window",
         type=_positive_int("--window", 1),
         default=None,
@@ -69,7 +86,10 @@ def add_flags(parser: argparse.ArgumentParser) -> None:
 def fold_flags(args: argparse.Namespace) -> None:
     """Move the parsed flags into ``args.additional_config[CONFIG_KEY]``."""
     cfg = from_flags(
-        getattr(args, "attention_sink", None), getattr(args, "window", None)
+        getattr(args, "attention_sink", None),
+        getattr(args, "window", None),
+        bool(getattr(args, "zero_sink", None)),
+        getattr(args, "sink_token_id", None),
     )
     if cfg is None:
         return

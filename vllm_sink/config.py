@@ -29,7 +29,9 @@ class SinkConfigError(ValueError):
 
 
 def _as_count(name: str, value: Any, minimum: int) -> int:
-    flag = "--attention-sink" if name == "sink" else "--window"
+    flag = {"sink": "--attention-sink", "window": "--window"}.get(
+        name, "--" + name.replace("_", "-")
+    )
     if isinstance(value, bool) or not isinstance(value, int):
         if isinstance(value, str) and value.strip().lstrip("-").isdigit():
             value = int(value)
@@ -58,18 +60,39 @@ class SinkConfig:
 
     sink: int = DEFAULT_SINK
     window: int = 2048
+    zero_sink: bool = False  # softmax off-by-one: exp(0) added to every denominator
+    sink_token_id: int | None = None  # put at position 0 of every stream
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "sink", _as_count("sink", self.sink, 0))
         object.__setattr__(self, "window", _as_count("window", self.window, 1))
+        if not isinstance(self.zero_sink, bool):
+            raise SinkConfigError(
+                f"--zero-sink ({CONFIG_KEY}.zero_sink) must be true or false, got "
+                f"{self.zero_sink!r}."
+            )
+        if self.sink_token_id is not None:
+            token = _as_count("sink_token_id", self.sink_token_id, 0)
+            object.__setattr__(self, "sink_token_id", token)
+            if self.sink < 1:
+                raise SinkConfigError(
+                    "--sink-token-id needs a sink slot: it counts among the "
+                    "--attention-sink tokens. Fix: --attention-sink 1 or more."
+                )
 
     @property
     def span(self) -> int:
         """Largest number of keys any query sees; positions stay below it."""
         return self.sink + self.window
 
-    def to_dict(self) -> dict[str, int]:
-        return asdict(self)
+    def to_dict(self) -> dict[str, Any]:
+        """The additional_config entry; variant keys only when they are set."""
+        data = asdict(self)
+        if not self.zero_sink:
+            del data["zero_sink"]
+        if self.sink_token_id is None:
+            del data["sink_token_id"]
+        return data
 
     def additional_config(self) -> dict[str, dict[str, int]]:
         """The value to pass as ``LLM(..., additional_config=...)``."""
@@ -85,11 +108,12 @@ class SinkConfig:
                 f'additional_config["{CONFIG_KEY}"] must be a dict like '
                 f'{{"sink": 4, "window": 2048}}, got {value!r}.'
             )
-        unknown = set(value) - {"sink", "window"}
+        keys = {"sink", "window", "zero_sink", "sink_token_id"}
+        unknown = set(value) - keys
         if unknown:
             raise SinkConfigError(
                 f'additional_config["{CONFIG_KEY}"] has unknown keys '
-                f"{sorted(unknown)}; the keys are 'sink' and 'window'."
+                f"{sorted(unknown)}; the keys are {sorted(keys)}."
             )
         if "window" not in value:
             raise SinkConfigError(
@@ -97,19 +121,39 @@ class SinkConfig:
                 "kept). Fix: add --window 2048 (or "
                 f'additional_config["{CONFIG_KEY}"]["window"]).'
             )
-        return cls(sink=value.get("sink", DEFAULT_SINK), window=value["window"])
+        return cls(
+            sink=value.get("sink", DEFAULT_SINK),
+            window=value["window"],
+            zero_sink=value.get("zero_sink", False),
+            sink_token_id=value.get("sink_token_id"),
+        )
 
 
-def from_flags(sink: int | None, window: int | None) -> SinkConfig | None:
+def from_flags(
+    sink: int | None,
+    window: int | None,
+    zero_sink: bool = False,
+    sink_token_id: int | None = None,
+) -> SinkConfig | None:
     """Resolve the CLI flags; ``--window`` alone means ``--attention-sink 4``."""
-    if sink is None and window is None:
+    if sink is None and window is None and not zero_sink and sink_token_id is None:
         return None
     if window is None:
-        raise SinkConfigError(
-            "--attention-sink needs --window (how many recent tokens to keep). "
-            f"Fix: add --window 2048, e.g. --attention-sink {sink} --window 2048."
+        given = (
+            "--attention-sink"
+            if sink is not None
+            else ("--zero-sink" if zero_sink else "--sink-token-id")
         )
-    return SinkConfig(sink=DEFAULT_SINK if sink is None else sink, window=window)
+        raise SinkConfigError(
+            f"{given} needs --window (how many recent tokens to keep). "
+            "Fix: add --window 2048, e.g. --attention-sink 4 --window 2048."
+        )
+    return SinkConfig(
+        sink=DEFAULT_SINK if sink is None else sink,
+        window=window,
+        zero_sink=bool(zero_sink),
+        sink_token_id=sink_token_id,
+    )
 
 
 def get_sink_config(vllm_config: VllmConfig | None) -> SinkConfig | None:
@@ -157,6 +201,12 @@ def check_model(cfg: SinkConfig, vllm_config: VllmConfig) -> None:
                 "model with standard rotary embeddings (Llama, Mistral, Qwen2, "
                 "GPT-NeoX, ...) without speculative decoding."
             )
+    vocab = model_config.get_vocab_size()
+    if cfg.sink_token_id is not None and cfg.sink_token_id >= vocab:
+        raise SinkConfigError(
+            f"--sink-token-id {cfg.sink_token_id} is outside {name}'s vocabulary "
+            f"(size {vocab}). Fix: pass the id of the model's sink/placeholder token."
+        )
     sliding = model_config.get_sliding_window()
     if sliding is not None and sliding < cfg.span:
         raise SinkConfigError(

@@ -60,6 +60,7 @@ class Stream:
     params: SamplingParams
     cfg: SinkConfig
     max_model_len: int
+    hidden: int = 0  # leading prompt tokens (the sink token) kept from the user
     pending: list[int] = field(default_factory=list)
     sinks: list[int] = field(default_factory=list)
     recent: list[int] = field(default_factory=list)
@@ -229,9 +230,11 @@ class Stream:
             )
         user = copy.copy(out)
         user.request_id = self.request_id
-        user.prompt_token_ids = self.prompt_ids
+        user.prompt_token_ids = self.prompt_ids[self.hidden :]
         user.prompt = self.prompt_text
         user.prompt_logprobs = self.prompt_logprobs
+        if self.hidden and self.prompt_logprobs is not None:
+            user.prompt_logprobs = [None, *self.prompt_logprobs[self.hidden + 1 :]]
         if delta and self.segments > 1 and not self._first_visible:
             user.prompt_logprobs = None
         self._first_visible = False
@@ -256,17 +259,21 @@ def plan_stream(
     ids, text = _prompt_ids(prompt, tokenizer)
     if ids is None:
         return None
+    hidden = 0
+    token = cfg.sink_token_id
+    if token is not None and ids[:1] != [token]:
+        ids, hidden = [token, *ids], 1
     if params.max_tokens is None:
         params = copy.copy(params)
-        params.max_tokens = default_max_tokens(max_model_len, len(ids))
-    if len(ids) + params.max_tokens <= max_model_len:
+        params.max_tokens = default_max_tokens(max_model_len, len(ids) - hidden)
+    if not hidden and len(ids) + params.max_tokens <= max_model_len:
         return None
     if params.n != 1:
         raise SinkConfigError(
-            "Streams past --max-model-len support n=1 only. Fix: use n=1 or "
-            "keep prompt + max_tokens within --max-model-len."
+            "Streams past --max-model-len and --sink-token-id support n=1 only. "
+            "Fix: use n=1, or keep prompt + max_tokens within --max-model-len."
         )
-    return Stream(request_id, list(ids), text, params, cfg, max_model_len)
+    return Stream(request_id, list(ids), text, params, cfg, max_model_len, hidden)
 
 
 def default_max_tokens(max_model_len: int, prompt_len: int) -> int:

@@ -244,10 +244,14 @@ class SinkAttentionImpl(AttentionImpl[SinkAttentionMetadata]):
             self.scale,
             output[:n],
         )
+        zero_sink = self.sink_config.zero_sink
         if use_triton(query.device):
             from vllm_sink.attention.triton_path import sink_attention_triton
 
-            sink_attention_triton(*args, max_query_len=attn_metadata.max_query_len)
+            extra = {"zero_sink": True} if zero_sink else {}
+            sink_attention_triton(
+                *args, max_query_len=attn_metadata.max_query_len, **extra
+            )
         else:
-            torch_path.sink_attention(*args)
+            torch_path.sink_attention(*args, zero_sink=zero_sink)
         return output

@@ -99,17 +99,23 @@ def _attend(
     v: torch.Tensor,
     mask: torch.Tensor,
     scale: float,
+    zero_sink: bool = False,
 ) -> torch.Tensor:
     """Softmax attention over [sink keys | window keys] for a batch of queries.
 
     q_*: [B, Q, Hkv, G, D]; k_*: [B, K*, Hkv, D]; v: [B, Ks+Kw, Hkv, D];
     mask: [B, Q, Ks+Kw] True where visible. Returns [B, Q, Hkv, G, D] float32.
+    ``zero_sink`` adds exp(0) to the denominator: a zero logit with a zero value.
     """
     s_sink = torch.einsum("bqhgd,bkhd->bhgqk", q_sink, k_sink)
     s_win = torch.einsum("bqhgd,bkhd->bhgqk", q_win, k_win)
     scores = torch.cat((s_sink, s_win), dim=-1) * scale
     scores = scores.masked_fill(~mask[:, None, None], float("-inf"))
-    probs = torch.softmax(scores, dim=-1)
+    if zero_sink:
+        zero = scores.new_zeros(scores.shape[:-1] + (1,))
+        probs = torch.softmax(torch.cat((scores, zero), dim=-1), dim=-1)[..., :-1]
+    else:
+        probs = torch.softmax(scores, dim=-1)
     return torch.einsum("bhgqk,bkhd->bqhgd", probs, v.float())
 
 
@@ -123,6 +129,7 @@ def _attend_tile(
     sink: int,
     window: int,
     scale: float,
+    zero_sink: bool = False,
 ) -> torch.Tensor:
     """Attention for the queries at absolute indices first..last of one request."""
     device = query.device
@@ -150,7 +157,14 @@ def _attend_tile(
     mask = torch.cat((sink_mask, win_mask), dim=-1)
     v = torch.cat((v_sink, v_win), dim=0)
     out = _attend(
-        q_sink[None], q_win[None], k_sink[None], k_win[None], v[None], mask[None], scale
+        q_sink[None],
+        q_win[None],
+        k_sink[None],
+        k_win[None],
+        v[None],
+        mask[None],
+        scale,
+        zero_sink,
     )
     return out[0].flatten(1, 2)
 
@@ -164,6 +178,7 @@ def _attend_decodes(
     sink: int,
     window: int,
     scale: float,
+    zero_sink: bool = False,
 ) -> torch.Tensor:
     """One query per request (its last token), all requests batched."""
     device = query.device
@@ -188,7 +203,7 @@ def _attend_decodes(
     q = query.view(len(t), 1, num_kv_heads, -1, head_size)
     q_win = rotate(q, (t - base)[:, None, None], *rope)
     q_sink = rotate(q, t.clamp(max=span - 1)[:, None, None], *rope)
-    out = _attend(q_sink, q_win, k_sink, k_win, v, mask[:, None], scale)
+    out = _attend(q_sink, q_win, k_sink, k_win, v, mask[:, None], scale, zero_sink)
     return out[:, 0].flatten(1, 2)
 
 
@@ -205,6 +220,7 @@ def sink_attention(
     window: int,
     scale: float,
     out: torch.Tensor,
+    zero_sink: bool = False,
 ) -> torch.Tensor:
     """Attention of every query token of the batch; writes and returns ``out``.
 
@@ -227,6 +243,7 @@ def sink_attention(
             sink,
             window,
             scale,
+            zero_sink,
         )
         out[tokens] = result.to(out.dtype)
     # A tile no longer than S+W keeps every rotary position in (-(S+W), S+W).
@@ -249,5 +266,6 @@ def sink_attention(
                 sink,
                 window,
                 scale,
+                zero_sink,
             ).to(out.dtype)
     return out
