@@ -248,6 +248,14 @@ def _max_model_len_beyond_model(engine_args: Any) -> bool:
     return bool(engine_args.max_model_len) and engine_args.max_model_len > 0
 
 
+def _clear_vllm_env_cache() -> None:
+    """vLLM caches env reads once an engine runs; drop them so ours are seen."""
+    import vllm.envs as envs
+
+    if envs._is_envs_cache_enabled():
+        envs.__getattr__.cache_clear()
+
+
 def install() -> None:
     """Validate and apply sink mode wherever vLLM builds its config."""
     import os
@@ -282,12 +290,14 @@ def install() -> None:
         if _max_model_len_beyond_model(self):
             os.environ[key] = "1"
         try:
+            _clear_vllm_env_cache()
             vllm_config = original(self, *args, **kwargs)
         finally:
             if saved is None:
                 os.environ.pop(key, None)
             else:
                 os.environ[key] = saved
+            _clear_vllm_env_cache()
         check_model(cfg, vllm_config)
         apply_to_vllm_config(cfg, vllm_config)
         from vllm_sink import metrics

@@ -156,11 +156,24 @@ def prepare_model(model: nn.Module, cfg: SinkConfig) -> int:
 
 def install() -> None:
     """Prepare the model right after each model runner loads it."""
+    from vllm.config import VllmConfig
     from vllm.v1.worker.cpu_model_runner import CPUModelRunner
     from vllm.v1.worker.gpu_model_runner import GPUModelRunner
 
     from vllm_sink.config import get_sink_config
     from vllm_sink.patching import wrap_method
+
+    @wrap_method(
+        VllmConfig,
+        "use_v2_model_runner",
+        reason="sink mode runs on the V1 model runner, whose load_model is hooked",
+        diff="0004-rope-skip-in-sink-mode.diff",
+        kind="property",
+    )
+    def use_v2_model_runner(original, self):
+        if get_sink_config(self) is not None:
+            return False
+        return original(self)
 
     for runner in (GPUModelRunner, CPUModelRunner):
 

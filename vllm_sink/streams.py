@@ -243,6 +243,7 @@ class Stream:
 
     _first_visible: bool = True
     _took_prompt_logprobs: bool = False
+    engine_options: tuple = ((), {})  # extra add_request arguments, every segment
 
 
 def plan_stream(
@@ -450,6 +451,8 @@ def install() -> None:
         stream = plan_stream(request_id, prompt, params, cfg, max_len, _tokenizer(self))
         if stream is None:
             return original(self, request_id, prompt, params, *args, **kwargs)
+        kwargs.pop("prompt_text", None)  # the text of the first segment's prompt only
+        stream.engine_options = (args, kwargs)  # lora, priority, ... each segment
         segment = _table(self).start(stream)
         original(
             self,
@@ -487,8 +490,14 @@ def install() -> None:
     original_add_request = LLMEngine.add_request.__wrapped__
 
     def original_add(engine, segment: Segment, stream: Stream) -> None:
+        args, kwargs = stream.engine_options
         original_add_request(
-            engine, segment.engine_id, stream.engine_input(segment), segment.params
+            engine,
+            segment.engine_id,
+            stream.engine_input(segment),
+            segment.params,
+            *args,
+            **kwargs,
         )
 
     @wrap_method(
