@@ -23,6 +23,11 @@ Kernel layout (one kernel, two launch shapes, then an optional reduce):
   ``i`` is at ``i`` against the query at ``min(t, S+W-1)``. ``BLOCK_Q <= S+W``
   keeps every position in ``(-(S+W), S+W)``, so the table is never read past
   row ``S+W-1``; negative positions use cos(-p) = cos(p), sin(-p) = -sin(p).
+- Keys are rotated in registers right after loading: a K tile is loaded as
+  its two pair halves (neox: lanes ``h`` and ``h + rd/2``; gptj: even and odd
+  lanes) plus the pass-through lanes ``>= rd``; the halves are rotated with
+  the tile's [BLOCK_N, rd/2] cos/sin rows, and scores are
+  ``q1.k1 + q2.k2 + q_rest.k_rest`` (three dots, the MMA work of one).
 - Prefill launch, grid ``(T // BLOCK_Q + R, Hkv)``: program ``p`` finds its
   request by binary search over ``query_start_loc`` (request ``r`` owns tile
   ids ``qsl[r] // BLOCK_Q + r ..``), so the grid needs no host sync. Requests
@@ -31,7 +36,10 @@ Kernel layout (one kernel, two launch shapes, then an optional reduce):
   query splits its tile list (sink tiles then window tiles) into ``splits``
   contiguous parts (flash-decoding). With ``splits > 1`` each part writes its
   running max / sum / accumulator to a float32 workspace and ``_reduce_kernel``
-  (grid ``(R, Hq)``) merges them into ``out``.
+  (grid ``(R, Hq)``) merges them into ``out``. Split rule (host sizes only):
+  if ``R * Hkv`` programs are fewer than PROGRAMS_PER_SM waves, ``splits`` is
+  the power of two that fills them, capped by (KV tiles per query) /
+  MIN_TILES_PER_SPLIT and MAX_KV_SPLITS; otherwise 1 (also off CUDA).
 
 Scores are computed as ``exp2`` with ``scale * log2(e)`` folded into the
 rotated query; softmax state is float32. fp32 inputs use IEEE dots (no TF32).
@@ -71,47 +79,44 @@ class TritonTiles:
 
 
 @triton.jit
-def _partner_dim(offs_d, ROT_DIM: tl.constexpr, IS_NEOX: tl.constexpr):
-    """The lane each rotated lane pairs with (itself past ROT_DIM)."""
-    HALF: tl.constexpr = ROT_DIM // 2
+def _rope_lanes(
+    HEAD: tl.constexpr,
+    ROT_DIM: tl.constexpr,
+    HALF_PAD: tl.constexpr,
+    REST_PAD: tl.constexpr,
+    IS_NEOX: tl.constexpr,
+):
+    """Head lanes split as (first of pair, second of pair, pass-through).
+
+    Neox pairs lane h with h + ROT_DIM/2, gptj lane 2h with 2h + 1; lanes from
+    ROT_DIM on are not rotated. Returns (lanes1, lanes2, pair_ok, rest, rest_ok).
+    """
+    offs_h = tl.arange(0, HALF_PAD)
     if IS_NEOX:
-        partner = tl.where(offs_d < HALF, offs_d + HALF, offs_d - HALF)
+        lanes1 = offs_h
+        lanes2 = offs_h + ROT_DIM // 2
     else:
-        partner = offs_d ^ 1
-    return tl.where(offs_d < ROT_DIM, partner, offs_d)
+        lanes1 = 2 * offs_h
+        lanes2 = 2 * offs_h + 1
+    rest = ROT_DIM + tl.arange(0, REST_PAD)
+    return lanes1, lanes2, offs_h < ROT_DIM // 2, rest, rest < HEAD
 
 
 @triton.jit
-def _rotate(
-    x,
-    partner,
-    pos,
-    cs_ptr,
-    cs_stride,
-    offs_d,
-    ROT_DIM: tl.constexpr,
-    IS_NEOX: tl.constexpr,
-):
-    """RoPE of rows ``x`` [M, D_PAD] (float32) at ``pos`` [M] (may be < 0).
+def _rotate(x1, x2, pos, cs_ptr, cs_stride, HALF_PAD: tl.constexpr, HALF: tl.constexpr):
+    """RoPE of pair halves x1, x2 [M, HALF_PAD] (float32) at ``pos`` [M].
 
-    ``partner`` holds each lane's pair lane (``_partner_dim``). Lanes past
-    ROT_DIM pass through (cos 1, sin 0). ``|pos|`` must be a table row.
+    ``pos`` may be negative (cos(-p) = cos(p), sin(-p) = -sin(p)); ``|pos|``
+    must be a table row. Padding lanes come back unchanged.
     """
-    HALF: tl.constexpr = ROT_DIM // 2
-    if IS_NEOX:
-        freq = tl.where(offs_d < HALF, offs_d, offs_d - HALF)
-        first = offs_d < HALF
-    else:
-        freq = offs_d // 2
-        first = (offs_d % 2) == 0
-    in_rot = (offs_d < ROT_DIM)[None, :]
+    offs_h = tl.arange(0, HALF_PAD)
     row = tl.abs(pos).to(tl.int64) * cs_stride
-    ptr = cs_ptr + row[:, None] + freq[None, :]
-    cos = tl.load(ptr, mask=in_rot, other=1.0).to(tl.float32)
-    sin = tl.load(ptr + HALF, mask=in_rot, other=0.0).to(tl.float32)
-    flip = (pos[:, None] < 0) != first[None, :]
-    sin = tl.where(flip, -sin, sin)
-    return x * cos + partner * sin
+    ptr = cs_ptr + row[:, None] + offs_h[None, :]
+    ok = (offs_h < HALF)[None, :]
+    cos = tl.load(ptr, mask=ok, other=1.0).to(tl.float32)
+    sin = tl.load(ptr + HALF, mask=ok, other=0.0).to(tl.float32)
+    sin = tl.where(pos[:, None] < 0, -sin, sin)
+    return x1 * cos - x2 * sin, x2 * cos + x1 * sin
 
 
 @triton.jit
@@ -134,7 +139,9 @@ def _kv_tile(
     acc,
     m_i,
     l_i,
-    q,
+    q1,
+    q2,
+    q_rest,
     j,
     key_ok,
     key_pos,
@@ -148,52 +155,63 @@ def _kv_tile(
     stride_kv_d,
     cs_ptr,
     cs_stride,
-    offs_d,
     HEAD: tl.constexpr,
+    D_PAD: tl.constexpr,
     KV_BLOCK: tl.constexpr,
     ROT_DIM: tl.constexpr,
+    HALF_PAD: tl.constexpr,
+    REST_PAD: tl.constexpr,
     IS_NEOX: tl.constexpr,
     DOT_DTYPE: tl.constexpr,
     DOT_PRECISION: tl.constexpr,
 ):
-    """Online-softmax step over keys ``j`` [BLOCK_N] for rows ``q`` [ROWS, D_PAD].
+    """Online-softmax step over keys ``j`` [BLOCK_N] for rows of rotated queries.
 
-    Only keys with ``key_ok`` are loaded; ``visible`` [ROWS, BLOCK_N] is the
-    per-row mask. Returns the updated (acc, m_i, l_i); a row with no visible
-    key so far keeps m = -inf, l = 0, acc = 0.
+    Queries come as pair halves ``q1``, ``q2`` [ROWS, HALF_PAD] and
+    pass-through lanes ``q_rest`` [ROWS, REST_PAD], prescaled. Only keys with
+    ``key_ok`` are loaded; they are rotated to ``key_pos``. ``visible``
+    [ROWS, BLOCK_N] is the per-row mask. Returns the updated (acc, m_i, l_i);
+    a row with no visible key so far keeps m = -inf, l = 0, acc = 0.
     """
     blk = tl.load(bt_row + (j // KV_BLOCK) * stride_bt_b, mask=key_ok, other=0)
     slot = blk.to(tl.int64) * stride_kv_b + (j % KV_BLOCK).to(tl.int64) * stride_kv_s
-    base = kv_ptr + kv_head_off + slot
-    mask = key_ok[:, None] & (offs_d < HEAD)[None, :]
-    k = tl.load(base[:, None] + offs_d[None, :] * stride_kv_d, mask=mask, other=0.0)
+    base = (kv_ptr + kv_head_off + slot)[:, None]
+    lanes1, lanes2, pair_ok, rest, rest_ok = _rope_lanes(
+        HEAD, ROT_DIM, HALF_PAD, REST_PAD, IS_NEOX
+    )
+    qk = tl.zeros(visible.shape, tl.float32)
     if ROT_DIM > 0:
-        partner_d = _partner_dim(offs_d, ROT_DIM, IS_NEOX)
-        k_partner = tl.load(
-            base[:, None] + partner_d[None, :] * stride_kv_d, mask=mask, other=0.0
-        )
-        k = _rotate(
-            k.to(tl.float32),
-            k_partner.to(tl.float32),
+        mask = key_ok[:, None] & pair_ok[None, :]
+        k1 = tl.load(base + lanes1[None, :] * stride_kv_d, mask=mask, other=0.0)
+        k2 = tl.load(base + lanes2[None, :] * stride_kv_d, mask=mask, other=0.0)
+        k1, k2 = _rotate(
+            k1.to(tl.float32),
+            k2.to(tl.float32),
             key_pos,
             cs_ptr,
             cs_stride,
-            offs_d,
-            ROT_DIM,
-            IS_NEOX,
+            HALF_PAD,
+            ROT_DIM // 2,
         )
-    qk = tl.dot(q, tl.trans(k.to(DOT_DTYPE)), input_precision=DOT_PRECISION)
+        qk = tl.dot(q1, tl.trans(k1.to(DOT_DTYPE)), qk, input_precision=DOT_PRECISION)
+        qk = tl.dot(q2, tl.trans(k2.to(DOT_DTYPE)), qk, input_precision=DOT_PRECISION)
+    if HEAD > ROT_DIM:
+        mask = key_ok[:, None] & rest_ok[None, :]
+        k_rest = tl.load(base + rest[None, :] * stride_kv_d, mask=mask, other=0.0)
+        qk = tl.dot(
+            q_rest, tl.trans(k_rest.to(DOT_DTYPE)), qk, input_precision=DOT_PRECISION
+        )
     qk = tl.where(visible, qk, float("-inf"))
     m_new = tl.maximum(m_i, tl.max(qk, 1))
     m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
     alpha = tl.exp2(m_i - m_safe)
     p = tl.exp2(qk - m_safe[:, None])
     l_i = l_i * alpha + tl.sum(p, 1)
-    v = tl.load(
-        base[:, None] + (HEAD + offs_d)[None, :] * stride_kv_d, mask=mask, other=0.0
-    )
-    pv = tl.dot(p.to(DOT_DTYPE), v.to(DOT_DTYPE), input_precision=DOT_PRECISION)
-    acc = acc * alpha[:, None] + pv
+    offs_d = tl.arange(0, D_PAD)
+    v_mask = key_ok[:, None] & (offs_d < HEAD)[None, :]
+    v = tl.load(base + (HEAD + offs_d)[None, :] * stride_kv_d, mask=v_mask, other=0.0)
+    acc = acc * alpha[:, None]
+    acc = tl.dot(p.to(DOT_DTYPE), v.to(DOT_DTYPE), acc, input_precision=DOT_PRECISION)
     return acc, m_new, l_i
 
 
@@ -236,13 +254,19 @@ def _sink_attn_kernel(
     BLOCK_N: tl.constexpr,
     KV_BLOCK: tl.constexpr,
     ROT_DIM: tl.constexpr,
+    HALF_PAD: tl.constexpr,
+    REST_PAD: tl.constexpr,
     IS_NEOX: tl.constexpr,
     DECODE: tl.constexpr,
     SPLIT: tl.constexpr,
     DOT_DTYPE: tl.constexpr,
     DOT_PRECISION: tl.constexpr,
+    ZERO_SINK: tl.constexpr,
 ):
     """One (query tile, KV head[, split]) program; see the module docstring.
+
+    ZERO_SINK adds exp(0) to the softmax denominator (softmax off-by-one); in
+    the exp2 domain with running max m that is exp2(-m).
 
     DECODE: axis 0 is the request, which must have exactly one query; axis 2
     the split. Otherwise axis 0 is a tile id and requests with <= 1 query
@@ -273,7 +297,6 @@ def _sink_attn_kernel(
     pos_base = tl.maximum(t_last - (span - 1), 0)
 
     offs_r = tl.arange(0, ROWS)
-    offs_d = tl.arange(0, D_PAD)
     q_local = tile_start + offs_r // G_PAD
     g = offs_r % G_PAD
     row_ok = (offs_r // G_PAD < BLOCK_Q) & (q_local < q_len) & (g < GROUP)
@@ -281,28 +304,40 @@ def _sink_attn_kernel(
     t = first_pos + q_local  # absolute index of each row's query
 
     q_rows = q_ptr + (q_start + q_local).to(tl.int64) * stride_q_t + head * stride_q_h
-    q_mask = row_ok[:, None] & (offs_d < HEAD)[None, :]
-    q = tl.load(q_rows[:, None] + offs_d[None, :] * stride_q_d, mask=q_mask, other=0.0)
-    q = q.to(tl.float32)
-    if ROT_DIM > 0:
-        partner_d = _partner_dim(offs_d, ROT_DIM, IS_NEOX)
-        q_partner = tl.load(
-            q_rows[:, None] + partner_d[None, :] * stride_q_d, mask=q_mask, other=0.0
-        ).to(tl.float32)
-        win_pos = tl.where(row_ok, t - pos_base, 0)
-        sink_pos = tl.where(row_ok, tl.minimum(t, span - 1), 0)
-        q_win = _rotate(q, q_partner, win_pos, cs_ptr, cs_stride, offs_d, ROT_DIM, IS_NEOX)
-        if DECODE:  # one query: its window and sink positions coincide
-            q_sink = q_win
-        else:
-            q_sink = _rotate(
-                q, q_partner, sink_pos, cs_ptr, cs_stride, offs_d, ROT_DIM, IS_NEOX
-            )
+    q_rows = q_rows[:, None]
+    lanes1, lanes2, pair_ok, rest, rest_ok = _rope_lanes(
+        HEAD, ROT_DIM, HALF_PAD, REST_PAD, IS_NEOX
+    )
+    if HEAD > ROT_DIM:
+        mask = row_ok[:, None] & rest_ok[None, :]
+        q_rest = tl.load(q_rows + rest[None, :] * stride_q_d, mask=mask, other=0.0)
+        q_rest = (q_rest.to(tl.float32) * qk_scale).to(DOT_DTYPE)
     else:
-        q_win = q
-        q_sink = q
-    q_win = (q_win * qk_scale).to(DOT_DTYPE)
-    q_sink = (q_sink * qk_scale).to(DOT_DTYPE)
+        q_rest = tl.zeros([ROWS, 16], DOT_DTYPE)  # unused
+    if ROT_DIM > 0:
+        mask = row_ok[:, None] & pair_ok[None, :]
+        q1 = tl.load(q_rows + lanes1[None, :] * stride_q_d, mask=mask, other=0.0)
+        q2 = tl.load(q_rows + lanes2[None, :] * stride_q_d, mask=mask, other=0.0)
+        q1 = q1.to(tl.float32) * qk_scale
+        q2 = q2.to(tl.float32) * qk_scale
+        win_pos = tl.where(row_ok, t - pos_base, 0)
+        q1_win, q2_win = _rotate(
+            q1, q2, win_pos, cs_ptr, cs_stride, HALF_PAD, ROT_DIM // 2
+        )
+        if DECODE:  # one query: its window and sink positions coincide
+            q1_sink, q2_sink = q1_win, q2_win
+        else:
+            sink_pos = tl.where(row_ok, tl.minimum(t, span - 1), 0)
+            q1_sink, q2_sink = _rotate(
+                q1, q2, sink_pos, cs_ptr, cs_stride, HALF_PAD, ROT_DIM // 2
+            )
+        q1_win, q2_win = q1_win.to(DOT_DTYPE), q2_win.to(DOT_DTYPE)
+        q1_sink, q2_sink = q1_sink.to(DOT_DTYPE), q2_sink.to(DOT_DTYPE)
+    else:
+        q1_win = tl.zeros([ROWS, 16], DOT_DTYPE)  # unused
+        q2_win = q1_win
+        q1_sink = q1_win
+        q2_sink = q1_win
 
     # Tile list: sink tiles [0, n_sink_tiles), then window tiles.
     num_sink = tl.minimum(sink, t_last + 1)
@@ -333,22 +368,25 @@ def _sink_attn_kernel(
         key_ok = j < num_sink
         visible = key_ok[None, :] & (j[None, :] <= t[:, None])
         acc, m_i, l_i = _kv_tile(
-            acc, m_i, l_i, q_sink, j, key_ok, tl.where(key_ok, j, 0), visible,
-            kv_ptr, bt_row, stride_bt_b, kv_head_off, stride_kv_b, stride_kv_s,
-            stride_kv_d, cs_ptr, cs_stride, offs_d,
-            HEAD, KV_BLOCK, ROT_DIM, IS_NEOX, DOT_DTYPE, DOT_PRECISION,
+            acc, m_i, l_i, q1_sink, q2_sink, q_rest, j, key_ok,
+            tl.where(key_ok, j, 0), visible, kv_ptr, bt_row, stride_bt_b,
+            kv_head_off, stride_kv_b, stride_kv_s, stride_kv_d, cs_ptr, cs_stride,
+            HEAD, D_PAD, KV_BLOCK, ROT_DIM, HALF_PAD, REST_PAD, IS_NEOX,
+            DOT_DTYPE, DOT_PRECISION,
         )  # fmt: skip
     for i in range(tl.maximum(tile_lo, n_sink_tiles), tile_hi):
         j = win_lo + (i - n_sink_tiles) * BLOCK_N + offs_n
         key_ok = j <= t_last
         visible = (j[None, :] >= row_win_lo[:, None]) & (j[None, :] <= t[:, None])
         acc, m_i, l_i = _kv_tile(
-            acc, m_i, l_i, q_win, j, key_ok, tl.where(key_ok, j - pos_base, 0),
-            visible, kv_ptr, bt_row, stride_bt_b, kv_head_off, stride_kv_b,
-            stride_kv_s, stride_kv_d, cs_ptr, cs_stride, offs_d,
-            HEAD, KV_BLOCK, ROT_DIM, IS_NEOX, DOT_DTYPE, DOT_PRECISION,
+            acc, m_i, l_i, q1_win, q2_win, q_rest, j, key_ok,
+            tl.where(key_ok, j - pos_base, 0), visible, kv_ptr, bt_row, stride_bt_b,
+            kv_head_off, stride_kv_b, stride_kv_s, stride_kv_d, cs_ptr, cs_stride,
+            HEAD, D_PAD, KV_BLOCK, ROT_DIM, HALF_PAD, REST_PAD, IS_NEOX,
+            DOT_DTYPE, DOT_PRECISION,
         )  # fmt: skip
 
+    offs_d = tl.arange(0, D_PAD)
     if SPLIT:
         # Partials of (request, head, split); only decode requests get here.
         part = (req.to(tl.int64) * num_heads + head) * num_splits + split
@@ -357,10 +395,14 @@ def _sink_attn_kernel(
         tl.store(part_ml_ptr + part * 2, m_i, mask=row_ok)
         tl.store(part_ml_ptr + part * 2 + 1, l_i, mask=row_ok)
     else:
-        result = acc / tl.where(l_i > 0.0, l_i, 1.0)[:, None]
+        denom = l_i
+        if ZERO_SINK:
+            denom += tl.exp2(-tl.where(m_i == float("-inf"), 0.0, m_i))
+        result = acc / tl.where(denom > 0.0, denom, 1.0)[:, None]
         o_rows = (q_start + q_local).to(tl.int64) * stride_o_t + head * stride_o_h
         o_ptrs = out_ptr + o_rows[:, None] + offs_d[None, :] * stride_o_d
-        tl.store(o_ptrs, result.to(out_ptr.dtype.element_ty), mask=q_mask)
+        o_mask = row_ok[:, None] & (offs_d < HEAD)[None, :]
+        tl.store(o_ptrs, result.to(out_ptr.dtype.element_ty), mask=o_mask)
 
 
 @triton.jit
@@ -377,6 +419,7 @@ def _reduce_kernel(
     HEAD: tl.constexpr,
     D_PAD: tl.constexpr,
     SPLITS_PAD: tl.constexpr,
+    ZERO_SINK: tl.constexpr,
 ):
     """Merge the split partials of one (decode request, query head).
 
@@ -402,6 +445,8 @@ def _reduce_kernel(
     m_max = tl.where(m_max == float("-inf"), 0.0, m_max)
     w = tl.exp2(m - m_max)
     denom = tl.sum(w * l_s, 0)
+    if ZERO_SINK:
+        denom += tl.exp2(-m_max)
     result = tl.sum(acc * w[:, None], 0) / tl.where(denom > 0.0, denom, 1.0)
     o_ptrs = out_ptr + q_start.to(tl.int64) * stride_o_t + head * stride_o_h
     tl.store(
@@ -422,7 +467,7 @@ _TL_DTYPES = {
 }
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _sm_count(device_index: int) -> int:
     return torch.cuda.get_device_properties(device_index).multi_processor_count
 
@@ -431,16 +476,50 @@ def _prev_pow2(n: int) -> int:
     return 1 << (max(n, 1).bit_length() - 1)
 
 
-def _default_block_n(device: torch.device, d_pad: int) -> int:
-    if device.type != "cuda":
-        return 32
-    return 32 if d_pad > 128 else 64
+@dataclass(frozen=True)
+class _Launch:
+    """Resolved shape of one launch: ``rows = max(16, block_q * G_PAD)``."""
+
+    block_q: int
+    rows: int
+    block_n: int
+    num_warps: int
+    num_stages: int
 
 
-def _prefill_block_q(tiles: TritonTiles, group_pad: int, span: int, max_q: int) -> int:
-    """Queries per prefill tile: ~64 rows, at most S+W and the longest chunk."""
-    block_q = tiles.block_q or max(1, 64 // group_pad)
-    return max(1, min(_prev_pow2(block_q), _prev_pow2(span), triton.next_power_of_2(max_q)))
+# Defaults chosen from sm_90 cubins (register use and spills, offline): the
+# per-tile K rotation runs in float32 registers, so tiles stay modest.
+def _prefill_launch(
+    tiles: TritonTiles, dtype: torch.dtype, d_pad: int, group_pad: int, span: int,
+    max_q: int,
+) -> _Launch:  # fmt: skip
+    """Prefill tiles: ~64 rows (fewer for fp32 / head 256), <= S+W queries."""
+    fp32 = dtype == torch.float32
+    rows = 16 if d_pad > 128 and fp32 else (32 if d_pad > 128 or fp32 else 64)
+    block_q = tiles.block_q or max(1, rows // group_pad)
+    caps = (_prev_pow2(block_q), _prev_pow2(span), triton.next_power_of_2(max_q))
+    block_q = max(1, min(caps))
+    return _Launch(
+        block_q=block_q,
+        rows=max(16, block_q * group_pad),
+        block_n=tiles.block_n or 32,
+        num_warps=tiles.num_warps or 8,
+        num_stages=tiles.num_stages or (1 if fp32 else 2),  # fp32: shared memory
+    )
+
+
+def _decode_launch(
+    tiles: TritonTiles, dtype: torch.dtype, d_pad: int, group_pad: int
+) -> _Launch:
+    """Decode tiles: one query, its GQA group as rows."""
+    fp32 = dtype == torch.float32
+    return _Launch(
+        block_q=1,
+        rows=max(16, group_pad),
+        block_n=tiles.block_n or (16 if fp32 or d_pad > 128 else 32),
+        num_warps=tiles.num_warps or (8 if fp32 else 4),
+        num_stages=tiles.num_stages or (1 if fp32 else 2),
+    )
 
 
 def _num_kv_splits(
@@ -484,9 +563,116 @@ def _check_args(
     if rotary_dim % 2 or not 0 <= rotary_dim <= head_size:
         raise ValueError(f"rotary_dim {rotary_dim} must be even and <= {head_size}")
     if rotary_dim and cos_sin_cache.shape[-1] != rotary_dim:
-        raise ValueError(f"cos_sin_cache width {cos_sin_cache.shape[-1]} != {rotary_dim}")
+        raise ValueError(
+            f"cos_sin_cache width {cos_sin_cache.shape[-1]} != {rotary_dim}"
+        )
     if kv_cache.dtype not in _TL_DTYPES or out.shape != query.shape:
         raise ValueError(f"unsupported kv dtype {kv_cache.dtype} or out shape")
+
+
+@dataclass(frozen=True)
+class _Call:
+    """Kernel arguments shared by the prefill and decode launches of one call."""
+
+    tensors: tuple
+    scalars: tuple
+    constexprs: dict
+
+    def launch(
+        self, grid: tuple, shape: _Launch, parts: tuple, splits: int, decode: bool
+    ) -> None:
+        _sink_attn_kernel[grid](
+            *self.tensors,
+            *parts,
+            *self.scalars,
+            splits,
+            BLOCK_Q=shape.block_q,
+            ROWS=shape.rows,
+            BLOCK_N=shape.block_n,
+            DECODE=decode,
+            SPLIT=splits > 1,
+            num_warps=shape.num_warps,
+            num_stages=shape.num_stages,
+            **self.constexprs,
+        )
+
+
+def _make_call(
+    query: torch.Tensor,
+    kv_cache: torch.Tensor,
+    block_table: torch.Tensor,
+    query_start_loc: torch.Tensor,
+    seq_lens: torch.Tensor,
+    cos_sin_cache: torch.Tensor,
+    rotary_dim: int,
+    is_neox_style: bool,
+    sink: int,
+    window: int,
+    scale: float,
+    out: torch.Tensor,
+    zero_sink: bool = False,
+) -> _Call:
+    num_heads, head_size = query.shape[1:]
+    dot_dtype = _TL_DTYPES[kv_cache.dtype]
+    if _INTERPRETED and dot_dtype == tl.bfloat16:
+        dot_dtype = tl.float32
+    group = num_heads // kv_cache.shape[1]
+    tensors = (
+        query,
+        kv_cache,
+        out,
+        block_table,
+        query_start_loc.contiguous(),
+        seq_lens.contiguous(),
+        cos_sin_cache.contiguous() if rotary_dim else cos_sin_cache,
+    )
+    scalars = (
+        *query.stride(),
+        *kv_cache.stride(),
+        *out.stride(),
+        *block_table.stride(),
+        tensors[-1].stride(0) if rotary_dim else 0,
+        seq_lens.shape[0],
+        num_heads,
+        sink,
+        window,
+        float(scale) * LOG2E,
+    )
+    constexprs = dict(
+        HEAD=head_size,
+        D_PAD=max(16, triton.next_power_of_2(head_size)),
+        GROUP=group,
+        G_PAD=triton.next_power_of_2(group),
+        KV_BLOCK=kv_cache.shape[2],
+        ROT_DIM=rotary_dim,
+        HALF_PAD=max(16, triton.next_power_of_2(rotary_dim // 2)),
+        REST_PAD=max(16, triton.next_power_of_2(head_size - rotary_dim)),
+        IS_NEOX=bool(is_neox_style),
+        DOT_DTYPE=dot_dtype,
+        DOT_PRECISION="ieee" if kv_cache.dtype == torch.float32 else "tf32",
+        ZERO_SINK=bool(zero_sink),
+    )
+    return _Call(tensors, scalars, constexprs)
+
+
+def _reduce_splits(
+    call: _Call, part_acc: torch.Tensor, part_ml: torch.Tensor, out: torch.Tensor
+) -> None:
+    num_reqs, num_heads, splits, d_pad = part_acc.shape
+    _reduce_kernel[(num_reqs, num_heads)](
+        out,
+        call.tensors[4],
+        part_acc,
+        part_ml,
+        *out.stride(),
+        num_heads,
+        splits,
+        HEAD=call.constexprs["HEAD"],
+        D_PAD=d_pad,
+        SPLITS_PAD=max(2, triton.next_power_of_2(splits)),
+        ZERO_SINK=call.constexprs["ZERO_SINK"],
+        num_warps=4,
+    )
 
 
 def sink_attention_triton(
@@ -505,6 +691,7 @@ def sink_attention_triton(
     *,
     max_query_len: int | None = None,
     tiles: TritonTiles | None = None,
+    zero_sink: bool = False,
 ) -> torch.Tensor:
     """Attention of every query token of the batch; writes and returns ``out``.
 
@@ -512,105 +699,43 @@ def sink_attention_triton(
     prefill tiles and decides whether the prefill launch runs; with it given
     the call does no host sync (``None`` reads it from ``query_start_loc``).
     ``cos_sin_cache`` needs at least S+W rows; ``rotary_dim = 0`` skips rotary.
+    ``zero_sink`` adds exp(0) to every softmax denominator.
     """
     _check_args(query, kv_cache, out, cos_sin_cache, rotary_dim)
     tiles = tiles or TritonTiles()
-    num_tokens, num_heads, head_size = query.shape
-    num_kv_heads, kv_block = kv_cache.shape[1], kv_cache.shape[2]
+    num_tokens, num_heads = query.shape[:2]
+    num_kv_heads = kv_cache.shape[1]
     num_reqs = seq_lens.shape[0]
     if num_tokens == 0 or num_reqs == 0:
         return out
     if max_query_len is None:
         max_query_len = int((query_start_loc[1:] - query_start_loc[:-1]).max())
-    span = sink + window
-    group = num_heads // num_kv_heads
-    group_pad = triton.next_power_of_2(group)
-    d_pad = max(16, triton.next_power_of_2(head_size))
-    block_n = tiles.block_n or _default_block_n(query.device, d_pad)
-    dot_dtype = _TL_DTYPES[kv_cache.dtype]
-    if _INTERPRETED and dot_dtype == tl.bfloat16:
-        dot_dtype = tl.float32
-    cs = cos_sin_cache.contiguous() if rotary_dim else cos_sin_cache
-    qsl = query_start_loc.contiguous()
-    lens = seq_lens.contiguous()
-    common = dict(
-        HEAD=head_size,
-        D_PAD=d_pad,
-        GROUP=group,
-        G_PAD=group_pad,
-        BLOCK_N=block_n,
-        KV_BLOCK=kv_block,
-        ROT_DIM=rotary_dim,
-        IS_NEOX=bool(is_neox_style),
-        DOT_DTYPE=dot_dtype,
-        DOT_PRECISION="ieee" if kv_cache.dtype == torch.float32 else "tf32",
-        num_warps=tiles.num_warps or (8 if d_pad > 128 else 4),
-        num_stages=tiles.num_stages or 2,
-    )
-    tensors = (query, kv_cache, out, block_table, qsl, lens, cs)
-
-    def strides(part_acc: torch.Tensor, part_ml: torch.Tensor) -> tuple:
-        return (
-            *tensors,
-            part_acc,
-            part_ml,
-            *query.stride(),
-            *kv_cache.stride(),
-            *out.stride(),
-            *block_table.stride(),
-            cs.stride(0) if rotary_dim else 0,
-            num_reqs,
-            num_heads,
-            sink,
-            window,
-            float(scale) * LOG2E,
-        )
+    call = _make_call(
+        query, kv_cache, block_table, query_start_loc, seq_lens, cos_sin_cache,
+        rotary_dim, is_neox_style, sink, window, scale, out, zero_sink,
+    )  # fmt: skip
+    d_pad, group_pad = call.constexprs["D_PAD"], call.constexprs["G_PAD"]
 
     if max_query_len > 1:
-        block_q = _prefill_block_q(tiles, group_pad, span, max_query_len)
-        grid = (num_tokens // block_q + num_reqs, num_kv_heads)
-        _sink_attn_kernel[grid](
-            *strides(out, out),
-            1,
-            BLOCK_Q=block_q,
-            ROWS=max(16, block_q * group_pad),
-            DECODE=False,
-            SPLIT=False,
-            **common,
+        shape = _prefill_launch(
+            tiles, kv_cache.dtype, d_pad, group_pad, sink + window, max_query_len
         )
+        grid = (num_tokens // shape.block_q + num_reqs, num_kv_heads)
+        call.launch(grid, shape, (out, out), 1, decode=False)
 
-    max_kv_tiles = triton.cdiv(sink, block_n) + triton.cdiv(window, block_n) + 1
-    splits = _num_kv_splits(tiles, query.device, num_reqs, num_kv_heads, max_kv_tiles)
-    if splits > 1:
-        part_acc = torch.empty(
-            (num_reqs, num_heads, splits, d_pad), dtype=torch.float32, device=query.device
-        )
-        part_ml = torch.empty(
-            (num_reqs, num_heads, splits, 2), dtype=torch.float32, device=query.device
-        )
-    else:
-        part_acc = part_ml = out
-    _sink_attn_kernel[(num_reqs, num_kv_heads, splits)](
-        *strides(part_acc, part_ml),
-        splits,
-        BLOCK_Q=1,
-        ROWS=max(16, group_pad),
-        DECODE=True,
-        SPLIT=splits > 1,
-        **common,
+    shape = _decode_launch(tiles, kv_cache.dtype, d_pad, group_pad)
+    max_kv_tiles = triton.cdiv(sink, shape.block_n) + triton.cdiv(window, shape.block_n)
+    splits = _num_kv_splits(
+        tiles, query.device, num_reqs, num_kv_heads, max_kv_tiles + 1
     )
-    if splits > 1:
-        _reduce_kernel[(num_reqs, num_heads)](
-            out,
-            qsl,
-            part_acc,
-            part_ml,
-            *out.stride(),
-            num_heads,
-            splits,
-            HEAD=head_size,
-            D_PAD=d_pad,
-            SPLITS_PAD=max(2, triton.next_power_of_2(splits)),
-            num_warps=4,
-        )
+    if splits == 1:
+        call.launch((num_reqs, num_kv_heads, 1), shape, (out, out), 1, decode=True)
+        return out
+    part_acc = query.new_empty(
+        (num_reqs, num_heads, splits, d_pad), dtype=torch.float32
+    )
+    part_ml = query.new_empty((num_reqs, num_heads, splits, 2), dtype=torch.float32)
+    grid = (num_reqs, num_kv_heads, splits)
+    call.launch(grid, shape, (part_acc, part_ml), splits, decode=True)
+    _reduce_splits(call, part_acc, part_ml, out)
     return out
