@@ -89,7 +89,8 @@ def run(args: argparse.Namespace) -> list[dict]:
     while engine.has_unfinished_requests():
         engine.step()
         segment = stream.current if stream else None
-        request = core.scheduler.requests.get(segment.engine_id if segment else "soak")
+        # The one request in flight (vLLM suffixes engine request ids internally).
+        request = next(iter(core.scheduler.requests.values()), None)
         computed = request.num_computed_tokens if request is not None else 0
         pos = segment.stream_position(computed) if segment else computed
         if pos >= next_report:
