@@ -17,6 +17,13 @@ import pytest  # noqa: E402
 from vllm_sink.tiny_models import make_tiny_model  # noqa: E402
 
 
+@pytest.fixture(scope="session", autouse=True)
+def tiny_models_built() -> None:
+    """Build the shared tiny models before any engine runs (HF_IN_PROCESS_MODULES)."""
+    make_tiny_model("llama")
+    make_tiny_model("gpt_neox")
+
+
 @pytest.fixture(scope="session")
 def tiny_llama() -> str:
     return make_tiny_model("llama")
@@ -52,3 +59,14 @@ def shutdown(llm) -> None:
     llm.llm_engine.engine_core.shutdown()
     del llm
     gc.collect()
+
+
+# Modules that build Hugging Face models in this process. vLLM's Transformers backend
+# (which serves GPT-NeoX) decorates HF model classes in place the first time it loads
+# one, after which those classes can only be built inside a vLLM config context. So
+# these modules run before any module that starts an in-process engine.
+HF_IN_PROCESS_MODULES = ("test_oracle.py",)
+
+
+def pytest_collection_modifyitems(config, items) -> None:
+    items.sort(key=lambda item: item.path.name not in HF_IN_PROCESS_MODULES)

@@ -1,0 +1,1 @@
+"""Benchmarks for vllm-sink: models, text streams and streaming perplexity."""
