@@ -23,7 +23,7 @@ from __future__ import annotations
 
 import torch
 
-QUERY_TILE = 128
+QUERY_TILE = 256
 
 
 def rotate(
@@ -107,16 +107,26 @@ def _attend(
     mask: [B, Q, Ks+Kw] True where visible. Returns [B, Q, Hkv, G, D] float32.
     ``zero_sink`` adds exp(0) to the denominator: a zero logit with a zero value.
     """
-    s_sink = torch.einsum("bqhgd,bkhd->bhgqk", q_sink, k_sink)
-    s_win = torch.einsum("bqhgd,bkhd->bhgqk", q_win, k_win)
-    scores = torch.cat((s_sink, s_win), dim=-1) * scale
-    scores = scores.masked_fill(~mask[:, None, None], float("-inf"))
+    b, q, h, g, d = q_win.shape
+
+    def rows(x: torch.Tensor) -> torch.Tensor:  # [B, Q, H, G, D] -> [B, H, G*Q, D]
+        return x.permute(0, 2, 3, 1, 4).reshape(b, h, g * q, d).float()
+
+    def cols(x: torch.Tensor) -> torch.Tensor:  # [B, K, H, D] -> [B, H, D, K]
+        return x.permute(0, 2, 3, 1).float()
+
+    # Batched matmuls over (B, H) with G*Q rows: ~3x faster than einsum on CPU.
+    scores = torch.cat(
+        (rows(q_sink) @ cols(k_sink), rows(q_win) @ cols(k_win)), dim=-1
+    ).view(b, h, g, q, -1)
+    scores.mul_(scale).masked_fill_(~mask[:, None, None], float("-inf"))
     if zero_sink:
         zero = scores.new_zeros(scores.shape[:-1] + (1,))
         probs = torch.softmax(torch.cat((scores, zero), dim=-1), dim=-1)[..., :-1]
     else:
         probs = torch.softmax(scores, dim=-1)
-    return torch.einsum("bhgqk,bkhd->bqhgd", probs, v.float())
+    out = probs.reshape(b, h, g * q, -1) @ v.permute(0, 2, 1, 3).float()
+    return out.view(b, h, g, q, d).permute(0, 3, 1, 2, 4)
 
 
 def _attend_tile(
@@ -178,16 +188,23 @@ def _attend_decodes(
     sink: int,
     window: int,
     scale: float,
+    longest: int,
     zero_sink: bool = False,
 ) -> torch.Tensor:
-    """One query per request (its last token), all requests batched."""
+    """One query per request (its last token), all requests batched.
+
+    ``longest`` is the largest of ``seq_lens``: no request reads more than
+    ``min(S, longest)`` sink keys and ``min(W, longest - S)`` window keys.
+    """
     device = query.device
     span = sink + window
+    num_sink = min(sink, longest)
+    num_win = min(window, max(longest - sink, 0))
     t = (seq_lens.long() - 1).to(device)  # [B]
     base = (t - (span - 1)).clamp(min=0)
-    sink_pos = torch.arange(sink, device=device).expand(len(t), sink)
+    sink_pos = torch.arange(num_sink, device=device).expand(len(t), num_sink)
     window_start = (t - window + 1).clamp(min=sink)
-    win_pos = window_start[:, None] + torch.arange(window, device=device)
+    win_pos = window_start[:, None] + torch.arange(num_win, device=device)
     mask = torch.cat((sink_pos <= t[:, None], win_pos <= t[:, None]), dim=-1)
     positions = torch.cat((sink_pos, win_pos), dim=-1)
     positions = torch.minimum(positions, t[:, None])  # keep masked reads in range
@@ -196,8 +213,8 @@ def _attend_decodes(
     blocks = torch.gather(block_table.long(), 1, positions // block_size)
     kv = kv_cache[blocks, :, positions % block_size, :]  # [B, S+W, Hkv, 2D]
     k, v = kv.chunk(2, dim=-1)
-    k_sink = rotate(k[:, :sink], positions[:, :sink], *rope)
-    k_win = rotate(k[:, sink:], positions[:, sink:] - base[:, None], *rope)
+    k_sink = rotate(k[:, :num_sink], positions[:, :num_sink], *rope)
+    k_win = rotate(k[:, num_sink:], positions[:, num_sink:] - base[:, None], *rope)
 
     num_kv_heads, head_size = kv_cache.shape[1], query.shape[-1]
     q = query.view(len(t), 1, num_kv_heads, -1, head_size)
@@ -243,6 +260,7 @@ def sink_attention(
             sink,
             window,
             scale,
+            max(lens[r] for r in decodes),
             zero_sink,
         )
         out[tokens] = result.to(out.dtype)
