@@ -57,6 +57,7 @@ class SinkAttentionMetadata:
     slot_mapping: torch.Tensor
     sink: int
     window: int
+    torch_plan: torch_path.BatchPlan | None = None  # filled by the first layer
 
 
 class SinkAttentionMetadataBuilder(AttentionMetadataBuilder[SinkAttentionMetadata]):
@@ -253,5 +254,11 @@ class SinkAttentionImpl(AttentionImpl[SinkAttentionMetadata]):
                 *args, max_query_len=attn_metadata.max_query_len, **extra
             )
         else:
-            torch_path.sink_attention(*args, zero_sink=zero_sink)
+            if attn_metadata.torch_plan is None:
+                attn_metadata.torch_plan = torch_path.plan_batch(
+                    attn_metadata.query_start_loc, attn_metadata.seq_lens
+                )
+            torch_path.sink_attention(
+                *args, zero_sink=zero_sink, plan=attn_metadata.torch_plan
+            )
         return output

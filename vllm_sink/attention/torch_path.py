@@ -21,6 +21,8 @@ the logical per-layer view [num_blocks, num_kv_heads, block_size, 2*head_size]
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 
 QUERY_TILE = 256
@@ -193,35 +195,77 @@ def _attend_decodes(
 ) -> torch.Tensor:
     """One query per request (its last token), all requests batched.
 
-    ``longest`` is the largest of ``seq_lens``: no request reads more than
-    ``min(S, longest)`` sink keys and ``min(W, longest - S)`` window keys.
+    With one query per request the query is left unrotated (position 0) and
+    each key is rotated by its rank minus the query's: ``j - t`` for window keys,
+    ``i - min(t, S+W-1)`` for sinks, all in ``(-(S+W), 0]``. ``longest`` is the
+    largest of ``seq_lens``: no request reads more than ``min(S, longest)`` sink
+    keys and ``min(W, longest - S)`` window keys.
     """
     device = query.device
     span = sink + window
     num_sink = min(sink, longest)
     num_win = min(window, max(longest - sink, 0))
-    t = (seq_lens.long() - 1).to(device)  # [B]
-    base = (t - (span - 1)).clamp(min=0)
-    sink_pos = torch.arange(num_sink, device=device).expand(len(t), num_sink)
+    t = (seq_lens.long() - 1).to(device)[:, None]  # [B, 1]
     window_start = (t - window + 1).clamp(min=sink)
-    win_pos = window_start[:, None] + torch.arange(num_win, device=device)
-    mask = torch.cat((sink_pos <= t[:, None], win_pos <= t[:, None]), dim=-1)
-    positions = torch.cat((sink_pos, win_pos), dim=-1)
-    positions = torch.minimum(positions, t[:, None])  # keep masked reads in range
+    sink_pos = torch.arange(num_sink, device=device).expand(len(t), num_sink)
+    win_pos = window_start + torch.arange(num_win, device=device)
+    positions = torch.cat((sink_pos, win_pos), dim=-1)  # [B, K] stream indices
+    mask = positions <= t
+    positions = torch.minimum(positions, t)  # keep masked reads in range
+    query_rank = torch.cat(
+        (t.clamp(max=span - 1).expand(-1, num_sink), t.expand(-1, num_win)), dim=-1
+    )
+    distance = query_rank - positions  # >= 0: keys rotate by -distance
 
     block_size = kv_cache.shape[2]
     blocks = torch.gather(block_table.long(), 1, positions // block_size)
-    kv = kv_cache[blocks, :, positions % block_size, :]  # [B, S+W, Hkv, 2D]
+    kv = kv_cache[blocks, :, positions % block_size, :]  # [B, K, Hkv, 2D]
     k, v = kv.chunk(2, dim=-1)
-    k_sink = rotate(k[:, :num_sink], positions[:, :num_sink], *rope)
-    k_win = rotate(k[:, num_sink:], positions[:, num_sink:] - base[:, None], *rope)
+    k = rotate(k, -distance, *rope)
 
     num_kv_heads, head_size = kv_cache.shape[1], query.shape[-1]
-    q = query.view(len(t), 1, num_kv_heads, -1, head_size)
-    q_win = rotate(q, (t - base)[:, None, None], *rope)
-    q_sink = rotate(q, t.clamp(max=span - 1)[:, None, None], *rope)
-    out = _attend(q_sink, q_win, k_sink, k_win, v, mask[:, None], scale, zero_sink)
-    return out[:, 0].flatten(1, 2)
+    q = query.view(len(t), num_kv_heads, -1, head_size).float()  # [B, Hkv, G, D]
+    scores = q @ k.permute(0, 2, 3, 1)  # [B, Hkv, G, K]
+    scores.mul_(scale).masked_fill_(~mask[:, None, None], float("-inf"))
+    if zero_sink:
+        zero = scores.new_zeros(scores.shape[:-1] + (1,))
+        probs = torch.softmax(torch.cat((scores, zero), dim=-1), dim=-1)[..., :-1]
+    else:
+        probs = torch.softmax(scores, dim=-1)
+    out = probs @ v.permute(0, 2, 1, 3).float()  # [B, Hkv, G, D]
+    return out.flatten(1, 2)
+
+
+@dataclass
+class BatchPlan:
+    """Host-side layout of one step's batch, the same for every layer.
+
+    ``decode_rows``/``decode_tokens``: the requests with one query and the
+    batch index of that query; ``all_decode`` when they are the whole batch in
+    order (query ``r`` is request ``r``).
+    """
+
+    starts: list[int]
+    lens: list[int]
+    decode_rows: torch.Tensor
+    decode_tokens: torch.Tensor
+    longest_decode: int
+    all_decode: bool
+
+
+def plan_batch(query_start_loc: torch.Tensor, seq_lens: torch.Tensor) -> BatchPlan:
+    """Read the batch layout on the host once per step."""
+    starts = query_start_loc.tolist()
+    lens = seq_lens.tolist()
+    decodes = [r for r in range(len(lens)) if starts[r + 1] - starts[r] == 1]
+    return BatchPlan(
+        starts=starts,
+        lens=lens,
+        decode_rows=torch.tensor(decodes, device=seq_lens.device),
+        decode_tokens=torch.tensor([starts[r] for r in decodes]),
+        longest_decode=max((lens[r] for r in decodes), default=0),
+        all_decode=len(decodes) == len(lens) and starts[-1] == len(lens),
+    )
 
 
 def sink_attention(
@@ -238,31 +282,31 @@ def sink_attention(
     scale: float,
     out: torch.Tensor,
     zero_sink: bool = False,
+    plan: BatchPlan | None = None,
 ) -> torch.Tensor:
     """Attention of every query token of the batch; writes and returns ``out``.
 
     ``query_start_loc`` [R+1] and ``seq_lens`` [R] (tokens after this step) are
-    read on the host. Requests with one query are batched together.
+    read on the host, unless ``plan`` (from :func:`plan_batch`) already holds
+    them. Requests with one query are batched together.
     """
-    starts = query_start_loc.tolist()
-    lens = seq_lens.tolist()
+    if plan is None:
+        plan = plan_batch(query_start_loc, seq_lens)
+    starts, lens = plan.starts, plan.lens
     rope = (cos_sin_cache, rotary_dim, is_neox_style)
-    decodes = [r for r in range(len(lens)) if starts[r + 1] - starts[r] == 1]
-    if decodes:
-        rows = torch.tensor(decodes, device=block_table.device)
-        tokens = torch.tensor([starts[r] for r in decodes], device=query.device)
+    if plan.all_decode:
         result = _attend_decodes(
-            query[tokens],
-            kv_cache,
-            block_table[rows],
-            seq_lens[rows],
-            rope,
-            sink,
-            window,
-            scale,
-            max(lens[r] for r in decodes),
-            zero_sink,
-        )
+            query, kv_cache, block_table[: len(lens)], seq_lens, rope, sink,
+            window, scale, plan.longest_decode, zero_sink,
+        )  # fmt: skip
+        out[: len(lens)] = result.to(out.dtype)
+        return out
+    if len(plan.decode_rows):
+        rows, tokens = plan.decode_rows, plan.decode_tokens.to(query.device)
+        result = _attend_decodes(
+            query[tokens], kv_cache, block_table[rows], seq_lens[rows], rope,
+            sink, window, scale, plan.longest_decode, zero_sink,
+        )  # fmt: skip
         out[tokens] = result.to(out.dtype)
     # A tile no longer than S+W keeps every rotary position in (-(S+W), S+W).
     tile_len = min(QUERY_TILE, sink + window)
