@@ -37,22 +37,29 @@ def rotate(
 ) -> torch.Tensor:
     """Rotate ``x`` [..., heads, head_size] by per-row ``positions`` [...].
 
-    Positions may be negative. Computed in float32; dims past rotary_dim pass.
+    Positions may be negative. Computed in float32 into one new tensor (no
+    concatenations: this runs on every key read); dims past rotary_dim pass.
     """
     cos_sin = cos_sin_cache[positions.abs()].float()
     cos, sin = cos_sin.chunk(2, dim=-1)
     sin = torch.where((positions < 0)[..., None], -sin, sin)
     cos, sin = cos.unsqueeze(-2), sin.unsqueeze(-2)
     x = x.float()
-    rot, rest = x[..., :rotary_dim], x[..., rotary_dim:]
+    out = torch.empty(x.shape, dtype=torch.float32, device=x.device)
     if is_neox_style:
-        x1, x2 = rot.chunk(2, dim=-1)
-        rot = torch.cat((x1 * cos - x2 * sin, x2 * cos + x1 * sin), dim=-1)
+        half = rotary_dim // 2
+        x1, x2 = x[..., :half], x[..., half:rotary_dim]
+        o1, o2 = out[..., :half], out[..., half:rotary_dim]
     else:
-        x1, x2 = rot[..., 0::2], rot[..., 1::2]
-        rot = torch.stack((x1 * cos - x2 * sin, x2 * cos + x1 * sin), dim=-1)
-        rot = rot.flatten(-2)
-    return torch.cat((rot, rest), dim=-1)
+        x1, x2 = x[..., 0:rotary_dim:2], x[..., 1:rotary_dim:2]
+        o1, o2 = out[..., 0:rotary_dim:2], out[..., 1:rotary_dim:2]
+    torch.mul(x1, cos, out=o1)
+    o1.addcmul_(x2, sin, value=-1.0)
+    torch.mul(x2, cos, out=o2)
+    o2.addcmul_(x1, sin)
+    if rotary_dim < x.shape[-1]:
+        out[..., rotary_dim:] = x[..., rotary_dim:]
+    return out
 
 
 def write_kv(
