@@ -168,9 +168,10 @@ def close_llm(llm: Any) -> None:
 
 def _computed_tokens(llm: Any) -> int | None:
     """Prompt tokens computed so far by the (single) running request, if visible."""
+    from vllm_sink.demo import computed_tokens
+
     try:
-        scheduler = llm.llm_engine.engine_core.engine_core.scheduler
-        return max(r.num_computed_tokens for r in scheduler.requests.values())
+        return computed_tokens(llm)
     except Exception:  # noqa: BLE001 - progress only
         return None
 

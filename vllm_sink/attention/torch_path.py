@@ -100,6 +100,20 @@ def _gather_kv(
     return kv.chunk(2, dim=-1)
 
 
+def _softmax(
+    scores: torch.Tensor, visible: torch.Tensor, scale: float, zero_sink: bool
+) -> torch.Tensor:
+    """Softmax of ``scores * scale`` over visible keys (last dim), in place.
+
+    ``zero_sink`` adds exp(0) to the denominator: a zero logit with a zero value.
+    """
+    scores.mul_(scale).masked_fill_(~visible, float("-inf"))
+    if zero_sink:
+        zero = scores.new_zeros(scores.shape[:-1] + (1,))
+        return torch.softmax(torch.cat((scores, zero), dim=-1), dim=-1)[..., :-1]
+    return torch.softmax(scores, dim=-1)
+
+
 def _attend(
     q_sink: torch.Tensor,
     q_win: torch.Tensor,
@@ -128,12 +142,7 @@ def _attend(
     scores = torch.cat(
         (rows(q_sink) @ cols(k_sink), rows(q_win) @ cols(k_win)), dim=-1
     ).view(b, h, g, q, -1)
-    scores.mul_(scale).masked_fill_(~mask[:, None, None], float("-inf"))
-    if zero_sink:
-        zero = scores.new_zeros(scores.shape[:-1] + (1,))
-        probs = torch.softmax(torch.cat((scores, zero), dim=-1), dim=-1)[..., :-1]
-    else:
-        probs = torch.softmax(scores, dim=-1)
+    probs = _softmax(scores, mask[:, None, None], scale, zero_sink)
     out = probs.reshape(b, h, g * q, -1) @ v.permute(0, 2, 1, 3).float()
     return out.view(b, h, g, q, d).permute(0, 3, 1, 2, 4)
 
@@ -233,12 +242,7 @@ def _attend_decodes(
     num_kv_heads, head_size = kv_cache.shape[1], query.shape[-1]
     q = query.view(len(t), num_kv_heads, -1, head_size).float()  # [B, Hkv, G, D]
     scores = q @ k.permute(0, 2, 3, 1)  # [B, Hkv, G, K]
-    scores.mul_(scale).masked_fill_(~mask[:, None, None], float("-inf"))
-    if zero_sink:
-        zero = scores.new_zeros(scores.shape[:-1] + (1,))
-        probs = torch.softmax(torch.cat((scores, zero), dim=-1), dim=-1)[..., :-1]
-    else:
-        probs = torch.softmax(scores, dim=-1)
+    probs = _softmax(scores, mask[:, None, None], scale, zero_sink)
     out = probs @ v.permute(0, 2, 1, 3).float()  # [B, Hkv, G, D]
     return out.flatten(1, 2)
 
@@ -269,7 +273,9 @@ def plan_batch(query_start_loc: torch.Tensor, seq_lens: torch.Tensor) -> BatchPl
         starts=starts,
         lens=lens,
         decode_rows=torch.tensor(decodes, device=seq_lens.device),
-        decode_tokens=torch.tensor([starts[r] for r in decodes]),
+        decode_tokens=torch.tensor(
+            [starts[r] for r in decodes], device=seq_lens.device
+        ),
         longest_decode=max((lens[r] for r in decodes), default=0),
         all_decode=len(decodes) == len(lens) and starts[-1] == len(lens),
     )
@@ -309,7 +315,7 @@ def sink_attention(
         out[: len(lens)] = result.to(out.dtype)
         return out
     if len(plan.decode_rows):
-        rows, tokens = plan.decode_rows, plan.decode_tokens.to(query.device)
+        rows, tokens = plan.decode_rows, plan.decode_tokens
         result = _attend_decodes(
             query[tokens], kv_cache, block_table[rows], seq_lens[rows], rope,
             sink, window, scale, plan.longest_decode, zero_sink,
