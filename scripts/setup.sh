@@ -33,5 +33,15 @@ if [ ! -f "$SHIM/METADATA" ]; then
   : >"$SHIM/RECORD"
 fi
 
+# The CPU decode kernel (vllm_sink/attention/cpu_decode.c) is compiled at first use.
+if ! command -v "${CC:-cc}" >/dev/null 2>&1 && ! command -v gcc >/dev/null 2>&1; then
+  if [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then
+    echo "setup: installing gcc for the CPU decode kernel"
+    apt-get install -y -q gcc >/dev/null 2>&1 || { apt-get update -q >/dev/null && apt-get install -y -q gcc >/dev/null; }
+  else
+    echo "setup: no C compiler; sink mode on CPU will use the slower torch path (install gcc)"
+  fi
+fi
+
 $PIP install -e ".[test]" 2>&1 | grep -v "^WARNING: Location" || true
 "$VENV/bin/python" -c "import vllm, vllm_sink; vllm_sink.check_vllm_version(vllm.__version__); print('setup: vllm', vllm.__version__, '+ vllm-sink', vllm_sink.__version__, 'ready in .venv/')"

@@ -9,22 +9,18 @@ pytest process, vLLM (imported by other test modules) has usually loaded
 triton already; then the kernel tests re-run themselves once in a child pytest
 with the flag set, and each test here reports its child's outcome.
 
-Every batch mixes decodes and prefill chunks over a shuffled paged layout; all
-KV slots a query may not read (evicted, past the sequence, unused blocks) and
-cos/sin rows past S+W-1 hold NaN, so any stray read shows up as a NaN output.
+Batches and the float64 reference come from kernel_cases.py.
 """
 
 from __future__ import annotations
 
 import importlib
 import json
-import math
 import os
 import subprocess
 import sys
 import textwrap
 import xml.etree.ElementTree as ET
-from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
@@ -35,13 +31,20 @@ if DEVICE == "cpu" and "triton" not in sys.modules:
 
 import pytest  # noqa: E402
 import triton.language as tl  # noqa: E402
+from kernel_cases import (  # noqa: E402
+    CASES,
+    TOL,
+    Batch,
+    Case,
+    make_batch,
+    reference64,
+    rel_err,
+)
 
 from vllm_sink.attention import torch_path  # noqa: E402
 from vllm_sink.attention import triton_path as _triton_path  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
-THETA = 10000.0
-TOL = {torch.float32: 1e-4, torch.bfloat16: 1e-2, torch.float16: 1e-2}
 # Can kernels run here? (triton's own jit functions are interpreted too)
 IN_PROCESS = DEVICE == "cuda" or type(tl.cdiv).__name__ == "InterpretedFunction"
 CHILD_TESTS = (
@@ -105,177 +108,6 @@ def ran_in_child(request, outcomes: dict[str, str] | None) -> bool:
     return True
 
 
-@dataclass(frozen=True)
-class Case:
-    dtype: torch.dtype
-    head_size: int
-    num_heads: int
-    num_kv_heads: int
-    rotary_dim: int
-    neox: bool
-    sink: int
-    window: int
-    block_size: int = 16
-    block_q: int | None = None
-    block_n: int | None = None
-    splits: int | None = None
-    table_dtype: torch.dtype = torch.float32
-    seed: int = 0
-
-    def __str__(self) -> str:
-        dt = str(self.dtype).split(".")[-1]
-        style = "neox" if self.neox else "gptj"
-        tiles = f"q{self.block_q}n{self.block_n}s{self.splits}"
-        return (
-            f"{dt}-D{self.head_size}-H{self.num_heads}x{self.num_kv_heads}-"
-            f"{style}{self.rotary_dim}-S{self.sink}W{self.window}-bs{self.block_size}"
-            f"-{tiles}"
-        )
-
-
-CASES = [
-    Case(torch.float32, 64, 2, 2, 64, True, 4, 16),
-    Case(torch.float32, 80, 8, 2, 32, False, 1, 20, block_n=16, splits=2),
-    Case(torch.float32, 96, 8, 1, 48, True, 0, 7, block_q=4),
-    Case(torch.float32, 64, 4, 1, 64, False, 16, 9, block_q=8, block_n=16, splits=3),
-    Case(torch.float32, 64, 6, 2, 0, True, 4, 12),  # rotary off, GQA 3
-    Case(torch.bfloat16, 128, 8, 2, 128, True, 16, 27, block_n=16, splits=4),
-    Case(torch.bfloat16, 64, 8, 1, 64, False, 4, 1),
-    Case(torch.bfloat16, 64, 4, 1, 32, True, 19, 6, table_dtype=torch.bfloat16),
-    Case(torch.float16, 256, 2, 2, 256, False, 19, 5, block_size=32),
-    Case(torch.float16, 128, 8, 2, 64, True, 4, 40, block_q=16, splits=2),
-    Case(torch.float16, 80, 4, 1, 80, True, 1, 3, block_n=16),
-]
-
-
-@dataclass
-class Batch:
-    """One step's inputs, built like vLLM would hand them to the backend."""
-
-    query: torch.Tensor
-    kv_cache: torch.Tensor
-    block_table: torch.Tensor
-    query_start_loc: torch.Tensor
-    seq_lens: torch.Tensor
-    cos_sin_cache: torch.Tensor
-    requests: list[tuple[int, int]]  # (seq_len, q_len)
-    keys: list[torch.Tensor] = field(default_factory=list)  # [seq_len, Hkv, D]
-    values: list[torch.Tensor] = field(default_factory=list)
-
-
-def request_shapes(case: Case) -> list[tuple[int, int]]:
-    """(seq_len, q_len): decodes and chunks around block and S+W boundaries."""
-    bs, span = case.block_size, case.sink + case.window
-    decodes = [1, 2, bs - 1, bs, bs + 1, span, span + 1, 3 * bs + 5, 5 * span + 3]
-    chunks = [(bs + 1, bs + 1), (4 * bs + 3, 9), (2 * span + 7, span + 5), (span, 2)]
-    shapes = [(n, 1) for n in decodes] + chunks
-    order = torch.randperm(len(shapes), generator=torch.Generator().manual_seed(7))
-    return [shapes[i] for i in order.tolist()]
-
-
-def live_keys(seq_len: int, q_len: int, sink: int, window: int) -> list[int]:
-    """Keys some query of the step may see; every other slot holds NaN."""
-    first = seq_len - q_len
-    win_lo = max(sink, first - window + 1)
-    return sorted(set(range(min(sink, seq_len))) | set(range(win_lo, seq_len)))
-
-
-def rope_table(rotary_dim: int, rows: int, dtype=torch.float64) -> torch.Tensor:
-    """cat(cos, sin) of positions 0..rows-1 in float64 (then cast)."""
-    if rotary_dim == 0:
-        return torch.zeros(rows, 0, dtype=dtype)
-    exps = torch.arange(0, rotary_dim, 2, dtype=torch.float64) / rotary_dim
-    angles = torch.arange(rows, dtype=torch.float64)[:, None] / THETA**exps
-    return torch.cat((angles.cos(), angles.sin()), dim=-1).to(dtype)
-
-
-def make_batch(case: Case) -> Batch:
-    """Random paged layout: shuffled blocks, a permuted-stride cache view."""
-    gen = torch.Generator().manual_seed(case.seed)
-    requests = request_shapes(case)
-    bs, hkv, d = case.block_size, case.num_kv_heads, case.head_size
-    counts = [math.ceil(n / bs) for n, _ in requests]
-    num_blocks = sum(counts) + 3
-    nan_block = num_blocks - 1
-    perm = torch.randperm(num_blocks - 1, generator=gen).tolist()
-    # vLLM may hand a permuted physical layout: [blocks, bs, Hkv, 2D] here.
-    phys = torch.full((num_blocks, bs, hkv, 2 * d), float("nan"), dtype=case.dtype)
-    kv_cache = phys.permute(0, 2, 1, 3)
-    block_table = torch.full((len(requests), max(counts) + 2), nan_block)
-    batch_keys, batch_values = [], []
-    for r, (seq_len, q_len) in enumerate(requests):
-        blocks = [perm.pop() for _ in range(counts[r])]
-        block_table[r, : counts[r]] = torch.tensor(blocks)
-        kv = torch.randn(seq_len, hkv, 2 * d, generator=gen).to(case.dtype)
-        for j in live_keys(seq_len, q_len, case.sink, case.window):
-            kv_cache[blocks[j // bs], :, j % bs] = kv[j]
-        batch_keys.append(kv[..., :d].double())
-        batch_values.append(kv[..., d:].double())
-    q_lens = [q for _, q in requests]
-    total = sum(q_lens)
-    # The query is a view into a fused qkv projection, plus 2 padding tokens.
-    hq = case.num_heads
-    qkv = torch.randn(total + 2, (hq + 2 * hkv) * d, generator=gen).to(case.dtype)
-    qkv[total:] = float("nan")
-    query = qkv[:, : hq * d].view(total + 2, hq, d)
-    span = case.sink + case.window
-    table = rope_table(case.rotary_dim, span).to(case.table_dtype)
-    nan_rows = torch.full((3, case.rotary_dim), float("nan"), dtype=table.dtype)
-    qsl = torch.tensor([0, *torch.tensor(q_lens).cumsum(0).tolist()], dtype=torch.int32)
-    return Batch(
-        query=query.to(DEVICE),
-        kv_cache=kv_cache.to(DEVICE),
-        block_table=block_table.to(torch.int32).to(DEVICE),
-        query_start_loc=qsl.to(DEVICE),
-        seq_lens=torch.tensor([n for n, _ in requests], dtype=torch.int32).to(DEVICE),
-        cos_sin_cache=torch.cat((table, nan_rows)).to(DEVICE),
-        requests=requests,
-        keys=batch_keys,
-        values=batch_values,
-    )
-
-
-def rotate64(x: torch.Tensor, pos: torch.Tensor, rotary_dim: int, neox: bool):
-    """Float64 RoPE of x [n, ..., D] at integer positions pos [n]."""
-    if rotary_dim == 0:
-        return x
-    cos_sin = rope_table(rotary_dim, int(pos.max()) + 1)[pos]
-    shape = (len(pos),) + (1,) * (x.dim() - 2) + (rotary_dim // 2,)
-    cos, sin = (c.reshape(shape) for c in cos_sin.chunk(2, dim=-1))
-    rot, rest = x[..., :rotary_dim], x[..., rotary_dim:]
-    if neox:
-        x1, x2 = rot.chunk(2, dim=-1)
-        rot = torch.cat((x1 * cos - x2 * sin, x2 * cos + x1 * sin), dim=-1)
-    else:
-        x1, x2 = rot[..., 0::2], rot[..., 1::2]
-        rot = torch.stack((x1 * cos - x2 * sin, x2 * cos + x1 * sin), -1).flatten(-2)
-    return torch.cat((rot, rest), dim=-1)
-
-
-def reference64(case: Case, batch: Batch, scale: float) -> torch.Tensor:
-    """DESIGN.md §1 literally, per query, in float64: rotary positions are ranks."""
-    query = batch.query.double().cpu()
-    out = torch.zeros_like(query)
-    group = case.num_heads // case.num_kv_heads
-    starts = batch.query_start_loc.tolist()
-    for r, (seq_len, q_len) in enumerate(batch.requests):
-        keys, values = batch.keys[r], batch.values[r]
-        for i in range(q_len):
-            t = seq_len - q_len + i
-            win_lo = max(case.sink, t - case.window + 1)
-            idx = list(range(min(case.sink, t + 1))) + list(range(win_lo, t + 1))
-            pos = torch.arange(len(idx))
-            k = rotate64(keys[idx], pos, case.rotary_dim, case.neox)
-            v = values[idx]
-            q = query[starts[r] + i].view(case.num_kv_heads, group, -1)
-            q = rotate64(q[None], pos[-1:], case.rotary_dim, case.neox)[0]
-            scores = torch.einsum("hgd,khd->hgk", q, k) * scale
-            probs = scores.softmax(-1)
-            o = torch.einsum("hgk,khd->hgd", probs, v)
-            out[starts[r] + i] = o.reshape(case.num_heads, -1)
-    return out
-
-
 def run_kernel(case: Case, batch: Batch, scale: float, **kw) -> torch.Tensor:
     out = torch.full_like(batch.query, 7.0)
     tiles = triton_path.TritonTiles(
@@ -320,17 +152,13 @@ def run_torch(case: Case, batch: Batch, scale: float, **kw) -> torch.Tensor:
     return out
 
 
-def rel_err(x: torch.Tensor, ref: torch.Tensor) -> float:
-    return float((x.double() - ref).norm() / ref.norm())
-
-
 @pytest.mark.parametrize("case", CASES, ids=str)
 def test_kernel_matches_float64_and_torch_path(
     case: Case, child_outcomes, request
 ) -> None:
     if ran_in_child(request, child_outcomes):
         return
-    batch = make_batch(case)
+    batch = make_batch(case, DEVICE)
     scale = case.head_size**-0.5
     total = int(batch.query_start_loc[-1])
     ref = reference64(case, batch, scale)[:total]
@@ -352,7 +180,7 @@ def test_max_query_len_given_equals_computed(child_outcomes, request) -> None:
     if ran_in_child(request, child_outcomes):
         return
     case = CASES[0]
-    batch = make_batch(case)
+    batch = make_batch(case, DEVICE)
     max_q = max(q for _, q in batch.requests)
     a = run_kernel(case, batch, 0.125)
     b = run_kernel(case, batch, 0.125, max_query_len=max_q)
@@ -364,7 +192,7 @@ def test_decode_only_batch_with_splits_equals_unsplit(child_outcomes, request) -
     if ran_in_child(request, child_outcomes):
         return
     case = Case(torch.float32, 64, 4, 2, 64, True, 4, 61, block_n=16)
-    batch = make_batch(case)
+    batch = make_batch(case, DEVICE)
     decodes = [r for r, (_, q) in enumerate(batch.requests) if q == 1]
     rows = torch.tensor(decodes)
     tokens = batch.query_start_loc[:-1].long()[rows]
@@ -387,7 +215,7 @@ def test_zero_sink_matches_torch_path(splits, child_outcomes, request) -> None:
     if ran_in_child(request, child_outcomes):
         return
     case = Case(torch.float32, 64, 4, 2, 64, True, 0, 23, splits=splits)
-    batch = make_batch(case)
+    batch = make_batch(case, DEVICE)
     total = int(batch.query_start_loc[-1])
     out = run_kernel(case, batch, 0.125, zero_sink=True).cpu()[:total]
     expected = run_torch(case, batch, 0.125, zero_sink=True).cpu()[:total]

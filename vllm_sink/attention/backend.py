@@ -2,8 +2,9 @@
 
 Registered as vLLM's ``CUSTOM`` backend and selected automatically in sink
 mode. Keys are cached pre-RoPE; the impl rotates them at read with the model's
-own table (``layer.sink_rope``, set by ``vllm_sink.rope``). The torch path runs
-on CPU; the Triton kernel runs on GPUs (or on CPU when forced, for tests).
+own table (``layer.sink_rope``, set by ``vllm_sink.rope``). On CPU the torch
+path runs prefill and a compiled C kernel (cpu_kernel.py) runs decode; the
+Triton kernel runs on GPUs (or on CPU when forced, for tests).
 """
 
 from __future__ import annotations
@@ -14,6 +15,7 @@ from typing import ClassVar
 
 import torch
 from vllm.config import VllmConfig, get_current_vllm_config
+from vllm.platforms import current_platform
 from vllm.v1.attention.backend import (
     AttentionBackend,
     AttentionCGSupport,
@@ -26,11 +28,11 @@ from vllm.v1.attention.backend import (
 )
 from vllm.v1.kv_cache_interface import AttentionSpec
 
-from vllm_sink.attention import torch_path
+from vllm_sink.attention import cpu_kernel, torch_path
 from vllm_sink.config import SinkConfig, SinkConfigError, get_sink_config
 
 # "triton" forces the Triton kernel (on CPU it needs TRITON_INTERPRET=1);
-# "torch" forces the torch path; unset picks Triton on CUDA, torch elsewhere.
+# "torch" forces the torch path, "cpu" the torch path with compiled decode.
 KERNEL_ENV = "VLLM_SINK_KERNEL"
 
 
@@ -149,15 +151,27 @@ class SinkAttentionBackend(AttentionBackend):
         return SinkAttentionMetadataBuilder
 
 
-def use_triton(device: torch.device) -> bool:
+KERNELS = ("torch", "cpu", "triton")
+
+
+def choose_kernel(device: torch.device) -> str:
+    """The attention path for ``device``: ``$VLLM_SINK_KERNEL``, else Triton
+    on CUDA, the compiled CPU decode kernel where it builds, else torch."""
     choice = os.environ.get(KERNEL_ENV, "").strip().lower()
-    if choice not in ("", "torch", "triton"):
+    if choice and choice not in KERNELS:
         raise SinkConfigError(
-            f"{KERNEL_ENV} must be 'torch' or 'triton', got {choice!r}"
+            f"{KERNEL_ENV} must be one of {', '.join(KERNELS)}, got {choice!r}"
+        )
+    if choice == "cpu" and cpu_kernel.library() is None:
+        raise SinkConfigError(
+            f"{KERNEL_ENV}=cpu but the CPU decode kernel could not be built (see "
+            "the warning above). Fix: install a C compiler (gcc) or unset it."
         )
     if choice:
-        return choice == "triton"
-    return device.type == "cuda"
+        return choice
+    if device.type == "cuda":
+        return "triton"
+    return "cpu" if cpu_kernel.library() is not None else "torch"
 
 
 class SinkAttentionImpl(AttentionImpl[SinkAttentionMetadata]):
@@ -202,6 +216,8 @@ class SinkAttentionImpl(AttentionImpl[SinkAttentionMetadata]):
         cfg = get_sink_config(get_current_vllm_config())
         assert cfg is not None
         self.sink_config = cfg
+        # Chosen at start-up: builds the CPU kernel now, not on the first step.
+        self.kernel = choose_kernel(torch.device(current_platform.device_type))
 
     def do_kv_cache_update(
         self,
@@ -211,6 +227,10 @@ class SinkAttentionImpl(AttentionImpl[SinkAttentionMetadata]):
         kv_cache: torch.Tensor,
         slot_mapping: torch.Tensor,
     ) -> None:
+        if self.kernel == "cpu" and cpu_kernel.write_kv(
+            key, value, kv_cache, slot_mapping
+        ):
+            return
         torch_path.write_kv(key, value, kv_cache, slot_mapping)
 
     def forward(
@@ -246,7 +266,7 @@ class SinkAttentionImpl(AttentionImpl[SinkAttentionMetadata]):
             output[:n],
         )
         zero_sink = self.sink_config.zero_sink
-        if use_triton(query.device):
+        if self.kernel == "triton":
             from vllm_sink.attention.triton_path import sink_attention_triton
 
             extra = {"zero_sink": True} if zero_sink else {}
@@ -259,6 +279,9 @@ class SinkAttentionImpl(AttentionImpl[SinkAttentionMetadata]):
                     attn_metadata.query_start_loc, attn_metadata.seq_lens
                 )
             torch_path.sink_attention(
-                *args, zero_sink=zero_sink, plan=attn_metadata.torch_plan
+                *args,
+                zero_sink=zero_sink,
+                plan=attn_metadata.torch_plan,
+                compiled_decode=self.kernel == "cpu",
             )
         return output

@@ -197,7 +197,7 @@ def _attend_tile(
     return out[0].flatten(1, 2)
 
 
-def _attend_decodes(
+def _torch_decodes(
     query: torch.Tensor,
     kv_cache: torch.Tensor,
     block_table: torch.Tensor,
@@ -208,8 +208,10 @@ def _attend_decodes(
     scale: float,
     longest: int,
     zero_sink: bool = False,
+    out: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    """One query per request (its last token), all requests batched.
+    """One query per request (its last token), all requests batched; returns
+    float32 [B, Hq, D], or copies into ``out`` when given (and returns it).
 
     With one query per request the query is left unrotated (position 0) and
     each key is rotated by its rank minus the query's: ``j - t`` for window keys,
@@ -243,8 +245,39 @@ def _attend_decodes(
     q = query.view(len(t), num_kv_heads, -1, head_size).float()  # [B, Hkv, G, D]
     scores = q @ k.permute(0, 2, 3, 1)  # [B, Hkv, G, K]
     probs = _softmax(scores, mask[:, None, None], scale, zero_sink)
-    out = probs @ v.permute(0, 2, 1, 3).float()  # [B, Hkv, G, D]
-    return out.flatten(1, 2)
+    result = (probs @ v.permute(0, 2, 1, 3).float()).flatten(1, 2)  # [B, Hq, D]
+    if out is None:
+        return result
+    out.copy_(result)
+    return out
+
+
+def _compiled_decodes(
+    query: torch.Tensor,
+    kv_cache: torch.Tensor,
+    block_table: torch.Tensor,
+    seq_lens: torch.Tensor,
+    rope: tuple[torch.Tensor, int, bool],
+    sink: int,
+    window: int,
+    scale: float,
+    longest: int,
+    zero_sink: bool = False,
+    out: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """:func:`_torch_decodes` in one compiled pass (cpu_decode.c), where it
+    runs; writes into ``out`` when given (and returns it)."""
+    from vllm_sink.attention import cpu_kernel
+
+    if not cpu_kernel.supports(query, kv_cache, out):
+        return _torch_decodes(
+            query, kv_cache, block_table, seq_lens, rope, sink, window, scale,
+            longest, zero_sink, out,
+        )  # fmt: skip
+    return cpu_kernel.sink_decode(
+        query, kv_cache, block_table, seq_lens, *rope, sink, window, scale,
+        zero_sink, out,
+    )  # fmt: skip
 
 
 @dataclass
@@ -296,27 +329,29 @@ def sink_attention(
     out: torch.Tensor,
     zero_sink: bool = False,
     plan: BatchPlan | None = None,
+    compiled_decode: bool = False,
 ) -> torch.Tensor:
     """Attention of every query token of the batch; writes and returns ``out``.
 
     ``query_start_loc`` [R+1] and ``seq_lens`` [R] (tokens after this step) are
     read on the host, unless ``plan`` (from :func:`plan_batch`) already holds
-    them. Requests with one query are batched together.
+    them. Requests with one query are batched together; ``compiled_decode``
+    runs them with the compiled CPU kernel (cpu_kernel.py) instead of torch ops.
     """
     if plan is None:
         plan = plan_batch(query_start_loc, seq_lens)
     starts, lens = plan.starts, plan.lens
     rope = (cos_sin_cache, rotary_dim, is_neox_style)
+    decode = _compiled_decodes if compiled_decode else _torch_decodes
     if plan.all_decode:
-        result = _attend_decodes(
+        decode(
             query, kv_cache, block_table[: len(lens)], seq_lens, rope, sink,
-            window, scale, plan.longest_decode, zero_sink,
+            window, scale, plan.longest_decode, zero_sink, out[: len(lens)],
         )  # fmt: skip
-        out[: len(lens)] = result.to(out.dtype)
         return out
     if len(plan.decode_rows):
         rows, tokens = plan.decode_rows, plan.decode_tokens
-        result = _attend_decodes(
+        result = decode(
             query[tokens], kv_cache, block_table[rows], seq_lens[rows], rope,
             sink, window, scale, plan.longest_decode, zero_sink,
         )  # fmt: skip

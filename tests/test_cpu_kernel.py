@@ -1,0 +1,272 @@
+"""The compiled CPU decode kernel (cpu_decode.c) against float64 and the torch path.
+
+Batches come from kernel_cases.py: shuffled blocks, a permuted-stride cache
+view, NaN in every slot a query may not read. The kernel only runs decodes
+(one query per request); ``sink_attention(compiled_decode=True)`` runs it on
+the decodes of a mixed batch and the torch path on the prefill chunks.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import pytest
+import torch
+from kernel_cases import CASES, TOL, Batch, Case, make_batch, reference64, rel_err
+
+from vllm_sink.attention import backend, cpu_kernel, torch_path
+from vllm_sink.config import SinkConfigError
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def decode_rows(batch: Batch) -> Batch:
+    """The batch cut down to its one-query requests, as a decode-only step."""
+    rows = [r for r, (_, q) in enumerate(batch.requests) if q == 1]
+    index = torch.tensor(rows)
+    tokens = batch.query_start_loc[:-1].long()[index]
+    return Batch(
+        query=batch.query[tokens],
+        kv_cache=batch.kv_cache,
+        block_table=batch.block_table[index],
+        query_start_loc=torch.arange(len(rows) + 1, dtype=torch.int32),
+        seq_lens=batch.seq_lens[index],
+        cos_sin_cache=batch.cos_sin_cache,
+        requests=[batch.requests[r] for r in rows],
+        keys=[batch.keys[r] for r in rows],
+        values=[batch.values[r] for r in rows],
+    )
+
+
+def run(case: Case, batch: Batch, scale: float, **kw) -> torch.Tensor:
+    out = torch.full_like(batch.query, 7.0)
+    torch_path.sink_attention(
+        batch.query, batch.kv_cache, batch.block_table, batch.query_start_loc,
+        batch.seq_lens, batch.cos_sin_cache, case.rotary_dim, case.neox,
+        case.sink, case.window, scale, out, **kw,
+    )  # fmt: skip
+    return out
+
+
+@pytest.fixture(scope="module", autouse=True)
+def built() -> None:
+    assert cpu_kernel.library() is not None, "the CPU decode kernel did not build"
+
+
+@pytest.mark.parametrize("case", CASES, ids=str)
+def test_decodes_match_float64_and_torch_path(case: Case) -> None:
+    """Every dtype, GQA ratio, rotary width/style, S, W and block size."""
+    batch = decode_rows(make_batch(case))
+    scale = case.head_size**-0.5
+    ref = reference64(case, batch, scale)
+    out = cpu_kernel.sink_decode(
+        batch.query, batch.kv_cache, batch.block_table, batch.seq_lens,
+        batch.cos_sin_cache, case.rotary_dim, case.neox, case.sink,
+        case.window, scale,
+    )  # fmt: skip
+    assert torch.isfinite(out).all(), "NaN/inf: a stray read or a bad mask"
+    assert rel_err(out, ref) < TOL[case.dtype]
+    expected = run(case, batch, scale)
+    assert rel_err(out, expected.double()) < TOL[case.dtype]
+
+
+@pytest.mark.parametrize("out_dtype", [torch.float32, torch.bfloat16])
+def test_output_dtype_and_strided_rows(out_dtype: torch.dtype) -> None:
+    """A 16-bit cache and query, the output written in place in another dtype,
+    into rows of a wider buffer (vLLM hands views of fused projections)."""
+    case = CASES[5]  # bfloat16, GQA 4
+    batch = decode_rows(make_batch(case))
+    scale = case.head_size**-0.5
+    ref = reference64(case, batch, scale)
+    shape = (len(batch.requests), case.num_heads + 3, case.head_size)
+    wide = torch.full(shape, 7.0, dtype=out_dtype)
+    out = wide[:, : case.num_heads]
+    result = cpu_kernel.sink_decode(
+        batch.query, batch.kv_cache, batch.block_table, batch.seq_lens,
+        batch.cos_sin_cache, case.rotary_dim, case.neox, case.sink,
+        case.window, scale, out=out,
+    )  # fmt: skip
+    assert result is out and out.stride(0) == (case.num_heads + 3) * case.head_size
+    assert rel_err(out, ref) < TOL[case.dtype]
+    assert (wide[:, case.num_heads :] == 7.0).all(), "wrote past its rows"
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+def test_write_kv_equals_torch_path(dtype: torch.dtype) -> None:
+    """Keys/values from a fused projection into a permuted cache, padding
+    slots skipped: byte-identical to torch_path.write_kv."""
+    gen = torch.Generator().manual_seed(1)
+    hq, hkv, d, bs = 4, 2, 32, 16
+    qkv = torch.randn(9, (hq + 2 * hkv) * d, generator=gen).to(dtype)
+    key = qkv[:, hq * d : (hq + hkv) * d].view(9, hkv, d)
+    value = qkv[:, (hq + hkv) * d :].view(9, hkv, d)
+    slots = torch.tensor([5, 40, -1, 47, 0, 33, 17, -1])  # 8 slots: 9th token is pad
+    compiled = torch.zeros(3, bs, hkv, 2 * d, dtype=dtype).permute(0, 2, 1, 3)
+    reference = torch.zeros(3, hkv, bs, 2 * d, dtype=dtype)
+    assert cpu_kernel.write_kv(key, value, compiled, slots)
+    torch_path.write_kv(key, value, reference, slots)
+    assert torch.equal(compiled, reference) and reference.abs().sum() > 0
+    assert not cpu_kernel.write_kv(key.float(), value, compiled, slots) or (
+        dtype == torch.float32
+    ), "mixed dtypes must fall back to torch"
+
+
+@pytest.mark.parametrize("case", CASES[:3] + CASES[5:6], ids=str)
+@pytest.mark.parametrize("zero_sink", [False, True])
+def test_mixed_batch_compiled_equals_torch(case: Case, zero_sink: bool) -> None:
+    """Decodes batched next to prefill chunks; padding tokens stay untouched."""
+    batch = make_batch(case)
+    total = int(batch.query_start_loc[-1])
+    scale = case.head_size**-0.5
+    out = run(case, batch, scale, zero_sink=zero_sink, compiled_decode=True)
+    expected = run(case, batch, scale, zero_sink=zero_sink)
+    assert torch.isfinite(out[:total]).all()
+    assert (out[total:] == 7.0).all(), "padding tokens were written"
+    assert rel_err(out[:total], expected[:total].double()) < TOL[case.dtype]
+    if not zero_sink:
+        ref = reference64(case, batch, scale)[:total]
+        assert rel_err(out[:total], ref) < TOL[case.dtype]
+
+
+def test_long_streams_read_only_sinks_and_window() -> None:
+    """Streams 50x S+W long: cost and reads stay on S+W keys (NaN elsewhere)."""
+    case = Case(torch.float32, 64, 8, 2, 64, True, 4, 60, block_size=32)
+    batch = decode_rows(make_batch(case))
+    long_lens = batch.seq_lens * 0 + 50 * (case.sink + case.window)
+    assert int(long_lens.max()) > int(batch.seq_lens.max())
+    # Re-home each request's live keys at the long stream's positions.
+    bs, span = case.block_size, case.sink + case.window
+    blocks_needed = -(-int(long_lens.max()) // bs)
+    kv = torch.full(
+        (len(batch.requests) * blocks_needed + 1, case.num_kv_heads, bs, 128),
+        float("nan"),
+    )
+    table = torch.arange(kv.shape[0] - 1, dtype=torch.int32).view(
+        len(batch.requests), blocks_needed
+    )
+    gen = torch.Generator().manual_seed(3)
+    n = int(long_lens[0])
+    live = list(range(case.sink)) + list(range(n - case.window, n))
+    for r in range(len(batch.requests)):
+        for j in live:
+            kv[table[r, j // bs], :, j % bs] = torch.randn(
+                case.num_kv_heads, 128, generator=gen
+            )
+    out = cpu_kernel.sink_decode(
+        batch.query, kv, table, long_lens, batch.cos_sin_cache, 64, True,
+        case.sink, case.window, 0.125,
+    )  # fmt: skip
+    qsl = torch.arange(len(batch.requests) + 1, dtype=torch.int32)
+    expected = torch.empty_like(batch.query)
+    torch_path.sink_attention(
+        batch.query, kv, table, qsl, long_lens, batch.cos_sin_cache, 64, True,
+        case.sink, case.window, 0.125, expected,
+    )  # fmt: skip
+    assert torch.isfinite(out).all()
+    assert rel_err(out, expected.double()) < 1e-5
+    assert span < n
+
+
+def test_no_compiler_falls_back_to_torch(monkeypatch, tmp_path, caplog) -> None:
+    """A failing compiler: one warning, torch path chosen; forcing cpu errors."""
+    monkeypatch.setenv("VLLM_SINK_CACHE", str(tmp_path))
+    monkeypatch.setenv("CC", "false")  # exists, always fails
+    monkeypatch.delenv(backend.KERNEL_ENV, raising=False)
+    cpu_kernel.library.cache_clear()
+    try:
+        with caplog.at_level(logging.WARNING, logger="vllm_sink"):
+            assert cpu_kernel.library() is None
+        assert "could not build the CPU decode kernel" in caplog.text
+        assert backend.choose_kernel(torch.device("cpu")) == "torch"
+        monkeypatch.setenv(backend.KERNEL_ENV, "cpu")
+        with pytest.raises(SinkConfigError, match="install a C compiler"):
+            backend.choose_kernel(torch.device("cpu"))
+        monkeypatch.setenv(backend.KERNEL_ENV, "fast")
+        with pytest.raises(SinkConfigError, match="torch, cpu, triton"):
+            backend.choose_kernel(torch.device("cpu"))
+    finally:
+        cpu_kernel.library.cache_clear()
+    monkeypatch.delenv("CC")
+    monkeypatch.delenv(backend.KERNEL_ENV)
+    assert backend.choose_kernel(torch.device("cpu")) == "cpu"
+    assert list((tmp_path / "kernels").glob("*.so")), "kernel not cached"
+    cpu_kernel.library.cache_clear()
+
+
+ENGINE_SCRIPT = textwrap.dedent(
+    """
+    import json, sys
+    from vllm import LLM, SamplingParams
+    from vllm_sink.attention import cpu_kernel
+    from vllm_sink.tiny_models import make_tiny_model
+
+    calls = {"compiled": 0}
+    original = cpu_kernel.sink_decode
+    def counting(*args, **kwargs):
+        calls["compiled"] += 1
+        return original(*args, **kwargs)
+    cpu_kernel.sink_decode = counting
+
+    prompts, new_tokens = json.loads(sys.argv[1]), int(sys.argv[2])
+    llm = LLM(make_tiny_model("llama"), dtype="float32", enforce_eager=True,
+              block_size=16, max_model_len=4096, max_num_batched_tokens=64,
+              max_num_seqs=4, seed=0,
+              additional_config={"attention_sink": {"sink": 4, "window": 20}})
+    params = SamplingParams(max_tokens=new_tokens, temperature=0, ignore_eos=True,
+                            logprobs=0)
+    outs = llm.generate([{"prompt_token_ids": p} for p in prompts], params,
+                        use_tqdm=False)
+    results = []
+    for o in outs:
+        toks = list(o.outputs[0].token_ids)
+        lps = [d[t].logprob for d, t in zip(o.outputs[0].logprobs, toks)]
+        results.append({"tokens": toks, "logprobs": lps})
+    print("RESULT " + json.dumps({"calls": calls, "results": results}))
+    """
+)
+
+
+def run_engine(kernel: str, prompts: list[list[int]], new_tokens: int) -> dict:
+    env = {
+        **os.environ,
+        backend.KERNEL_ENV: kernel,
+        "VLLM_ENABLE_V1_MULTIPROCESSING": "0",
+        "HF_HUB_OFFLINE": "1",
+        "VLLM_CPU_KVCACHE_SPACE": "1",
+        "VLLM_HOST_IP": "127.0.0.1",
+    }
+    proc = subprocess.run(
+        [sys.executable, "-c", ENGINE_SCRIPT, json.dumps(prompts), str(new_tokens)],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=900,
+        cwd=ROOT,
+    )
+    lines = [x for x in proc.stdout.splitlines() if x.startswith("RESULT ")]
+    assert proc.returncode == 0 and lines, proc.stderr[-4000:]
+    return json.loads(lines[-1][len("RESULT ") :])
+
+
+def test_engine_compiled_decode_equals_torch_path(tiny_llama: str) -> None:
+    """vLLM with VLLM_SINK_KERNEL=cpu and =torch: same greedy streams.
+
+    Three streams (30-, 70- and 5-token prompts) decode 60 tokens each, far
+    past S+W = 24; the compiled kernel must actually run in the first.
+    """
+    prompts = [
+        [(i * 31 + k) % 250 + 3 for i in range(n)] for k, n in enumerate((30, 70, 5))
+    ]
+    compiled = run_engine("cpu", prompts, 60)
+    torch_only = run_engine("torch", prompts, 60)
+    assert compiled["calls"]["compiled"] > 0
+    assert torch_only["calls"]["compiled"] == 0
+    for a, b in zip(compiled["results"], torch_only["results"]):
+        assert a["tokens"] == b["tokens"]
+        assert max(abs(x - y) for x, y in zip(a["logprobs"], b["logprobs"])) < 1e-4
