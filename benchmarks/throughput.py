@@ -40,6 +40,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--dense-max", type=int, default=16384)
     parser.add_argument("--streams", default="1,8,32")
     parser.add_argument("--stream-len", type=int, default=16384)
+    parser.add_argument(
+        "--reps", type=int, default=3, help="interleaved repeats of each length"
+    )
     parser.add_argument("--dtype", default="float32")
     parser.add_argument("--json", type=Path, default=None)
     parser.add_argument("--png", type=Path, default=None)
@@ -151,28 +154,52 @@ def shutdown(llm) -> None:
     gc.collect()
 
 
+def interleaved(llm, lengths: list[int], reps: int, **kw) -> dict[int, dict]:
+    """decode_time at each length, the lengths interleaved ``reps`` times.
+
+    Machines drift; running 1k, 4k, 16k, 64k, 1k, 4k, ... and taking each
+    length's median step time keeps a slow minute from landing on one length.
+    """
+    runs: dict[int, list[dict]] = {n: [] for n in lengths}
+    for rep in range(reps):
+        for n in lengths:
+            runs[n].append(decode_time(llm, [prompt_of(n, salt=rep)], **kw))
+    result = {}
+    for n, rs in runs.items():
+        times = [r["step_ms"] for r in rs]
+        median = statistics.median(times)
+        result[n] = {
+            "step_ms": median,
+            "tok_s": 1000 / median,
+            "kv_blocks": max(r["kv_blocks"] for r in rs),
+            "step_ms_reps": times,
+        }
+    return result
+
+
 def bench_decode(model: str, args, rows: list[dict]) -> None:
     lengths = [int(x) for x in args.lengths.split(",")]
     longest = max(lengths) + 2 * DECODE_STEPS
     llm = engine(model, args, sink=True, max_model_len=min(longest, 32768))
-    for n in lengths:
-        r = decode_time(llm, [prompt_of(n)])
+    for n, r in interleaved(llm, lengths, args.reps).items():
         rows.append({"bench": "decode", "method": "sink", "length": n, **r})
         print(
             f"decode  sink      N={n:6d}  {r['step_ms']:7.2f} ms/token  "
-            f"{r['kv_blocks']:5d} blocks",
+            f"{r['kv_blocks']:5d} blocks  (reps {fmt_reps(r)})",
             flush=True,
         )
     shutdown(llm)
     dense_lengths = [n for n in lengths if n <= args.dense_max]
     if dense_lengths:
         llm = engine(model, args, sink=False, max_model_len=max(dense_lengths) + 128)
-        for n in dense_lengths:
-            r = decode_time(llm, [prompt_of(n)], max_tokens=DECODE_STEPS + 16)
+        results = interleaved(
+            llm, dense_lengths, args.reps, max_tokens=DECODE_STEPS + 16
+        )
+        for n, r in results.items():
             rows.append({"bench": "decode", "method": "dense", "length": n, **r})
             print(
                 f"decode  dense     N={n:6d}  {r['step_ms']:7.2f} ms/token  "
-                f"{r['kv_blocks']:5d} blocks",
+                f"{r['kv_blocks']:5d} blocks  (reps {fmt_reps(r)})",
                 flush=True,
             )
         r = recompute_time(llm, args.sink + args.window)
@@ -184,6 +211,10 @@ def bench_decode(model: str, args, rows: list[dict]) -> None:
             flush=True,
         )
         shutdown(llm)
+
+
+def fmt_reps(r: dict) -> str:
+    return " ".join(f"{t:.2f}" for t in r["step_ms_reps"])
 
 
 def hf_loop_tok_s(model: str, args, tokens: int = 200) -> float:
@@ -238,19 +269,29 @@ def bench_concurrency(model: str, args, rows: list[dict]) -> None:
 
 
 def bench_overhead(model: str, args, rows: list[dict]) -> None:
+    """Sink vs plain vLLM below S+W; engines alternate ``--reps`` times."""
     span = args.sink + args.window
     short, steps = span // 4, min(DECODE_STEPS, span // 2 - 8)
-    for sink in (False, True):
-        llm = engine(model, args, sink=sink, max_model_len=span)
-        for n in (1, 8):
-            prompts = [prompt_of(short, salt=i) for i in range(n)]
-            r = decode_time(llm, prompts, steps=steps, max_tokens=span - short)
+    times: dict[tuple[str, int], list[float]] = {}
+    for _ in range(args.reps):
+        for sink in (False, True):
             method = "sink" if sink else "dense"
-            rows.append({"bench": "overhead", "method": method, "streams": n, **r})
-            print(
-                f"short   {method:9s} {n:<3d} {r['step_ms']:7.2f} ms/step", flush=True
-            )
-        shutdown(llm)
+            llm = engine(model, args, sink=sink, max_model_len=span)
+            for n in (1, 8):
+                prompts = [prompt_of(short, salt=i) for i in range(n)]
+                r = decode_time(llm, prompts, steps=steps, max_tokens=span - short)
+                times.setdefault((method, n), []).append(r["step_ms"])
+                print(
+                    f"short   {method:9s} {n:<3d} {r['step_ms']:7.2f} ms/step",
+                    flush=True,
+                )
+            shutdown(llm)
+    for (method, n), ts in times.items():
+        median = statistics.median(ts)
+        rows.append(
+            {"bench": "overhead", "method": method, "streams": n,
+             "step_ms": median, "tok_s": 1000 * n / median, "step_ms_reps": ts}
+        )  # fmt: skip
 
 
 def summarize(rows: list[dict]) -> list[str]:
