@@ -1,4 +1,4 @@
-"""Random paged batches and a float64 reference for the attention kernels.
+"""Random paged batches, a float64 reference and an engine run, for kernel tests.
 
 Shared by the Triton and the compiled CPU kernel tests. Every batch mixes
 decodes and prefill chunks over a shuffled paged layout (a permuted-stride cache
@@ -9,8 +9,14 @@ NaN output.
 
 from __future__ import annotations
 
+import json
 import math
+import os
+import subprocess
+import sys
+import textwrap
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import torch
 
@@ -191,3 +197,72 @@ def reference64(case: Case, batch: Batch, scale: float) -> torch.Tensor:
 
 def rel_err(x: torch.Tensor, ref: torch.Tensor) -> float:
     return float((x.double() - ref).norm() / ref.norm())
+
+
+ENGINE_SCRIPT = textwrap.dedent(
+    """
+    import json, sys
+    from vllm import LLM, SamplingParams
+    from vllm_sink.attention import cpu_kernel, torch_path, triton_path
+    from vllm_sink.tiny_models import make_tiny_model
+
+    calls = {"triton": 0, "torch": 0, "compiled": 0}
+    def counting(name, fn):
+        def wrapped(*args, **kwargs):
+            calls[name] += 1
+            return fn(*args, **kwargs)
+        return wrapped
+    triton_path.sink_attention_triton = counting(
+        "triton", triton_path.sink_attention_triton)
+    torch_path.sink_attention = counting("torch", torch_path.sink_attention)
+    cpu_kernel.sink_decode = counting("compiled", cpu_kernel.sink_decode)
+
+    prompts, new_tokens = json.loads(sys.argv[1]), int(sys.argv[2])
+    llm = LLM(make_tiny_model("llama"), dtype="float32", enforce_eager=True,
+              block_size=16, max_model_len=4096, max_num_batched_tokens=64,
+              max_num_seqs=4, seed=0,
+              additional_config={"attention_sink": {"sink": 4, "window": 20}})
+    params = SamplingParams(max_tokens=new_tokens, temperature=0, ignore_eos=True,
+                            logprobs=0, prompt_logprobs=0)
+    outs = llm.generate([{"prompt_token_ids": p} for p in prompts], params,
+                        use_tqdm=False)
+    results = []
+    for p, o in zip(prompts, outs):
+        toks = list(o.outputs[0].token_ids)
+        lps = [d[t].logprob for d, t in zip(o.outputs[0].logprobs, toks)]
+        plps = [d[t].logprob for d, t in zip(o.prompt_logprobs[1:], p[1:])]
+        results.append({"tokens": toks, "logprobs": lps, "prompt_logprobs": plps})
+    print("RESULT " + json.dumps({"calls": calls, "results": results}))
+    """
+)
+
+
+def run_engine(kernel: str, prompts: list[list[int]], new_tokens: int) -> dict:
+    """Greedy streams from real vLLM (tiny llama, S=4, W=20, fp32, 64-token
+    chunks) with ``VLLM_SINK_KERNEL=kernel``, in a child process.
+
+    Returns ``{"calls": {"triton"|"torch"|"compiled": n}, "results": [{"tokens",
+    "logprobs", "prompt_logprobs"}, ...]}``; ``torch`` counts every call of
+    the torch path's entry point, ``compiled`` the compiled decodes within it.
+    """
+    env = {
+        **os.environ,
+        "VLLM_SINK_KERNEL": kernel,
+        "VLLM_ENABLE_V1_MULTIPROCESSING": "0",
+        "HF_HUB_OFFLINE": "1",
+        "VLLM_CPU_KVCACHE_SPACE": "1",
+        "VLLM_HOST_IP": "127.0.0.1",
+    }
+    if kernel == "triton" and not torch.cuda.is_available():
+        env["TRITON_INTERPRET"] = "1"
+    proc = subprocess.run(
+        [sys.executable, "-c", ENGINE_SCRIPT, json.dumps(prompts), str(new_tokens)],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=900,
+        cwd=Path(__file__).resolve().parents[1],
+    )
+    lines = [x for x in proc.stdout.splitlines() if x.startswith("RESULT ")]
+    assert proc.returncode == 0 and lines, proc.stderr[-4000:]
+    return json.loads(lines[-1][len("RESULT ") :])

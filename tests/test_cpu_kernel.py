@@ -8,22 +8,23 @@ the decodes of a mixed batch and the torch path on the prefill chunks.
 
 from __future__ import annotations
 
-import json
 import logging
-import os
-import subprocess
-import sys
-import textwrap
-from pathlib import Path
 
 import pytest
 import torch
-from kernel_cases import CASES, TOL, Batch, Case, make_batch, reference64, rel_err
+from kernel_cases import (
+    CASES,
+    TOL,
+    Batch,
+    Case,
+    make_batch,
+    reference64,
+    rel_err,
+    run_engine,
+)
 
 from vllm_sink.attention import backend, cpu_kernel, torch_path
 from vllm_sink.config import SinkConfigError
-
-ROOT = Path(__file__).resolve().parents[1]
 
 
 def decode_rows(batch: Batch) -> Batch:
@@ -199,61 +200,6 @@ def test_no_compiler_falls_back_to_torch(monkeypatch, tmp_path, caplog) -> None:
     cpu_kernel.library.cache_clear()
 
 
-ENGINE_SCRIPT = textwrap.dedent(
-    """
-    import json, sys
-    from vllm import LLM, SamplingParams
-    from vllm_sink.attention import cpu_kernel
-    from vllm_sink.tiny_models import make_tiny_model
-
-    calls = {"compiled": 0}
-    original = cpu_kernel.sink_decode
-    def counting(*args, **kwargs):
-        calls["compiled"] += 1
-        return original(*args, **kwargs)
-    cpu_kernel.sink_decode = counting
-
-    prompts, new_tokens = json.loads(sys.argv[1]), int(sys.argv[2])
-    llm = LLM(make_tiny_model("llama"), dtype="float32", enforce_eager=True,
-              block_size=16, max_model_len=4096, max_num_batched_tokens=64,
-              max_num_seqs=4, seed=0,
-              additional_config={"attention_sink": {"sink": 4, "window": 20}})
-    params = SamplingParams(max_tokens=new_tokens, temperature=0, ignore_eos=True,
-                            logprobs=0)
-    outs = llm.generate([{"prompt_token_ids": p} for p in prompts], params,
-                        use_tqdm=False)
-    results = []
-    for o in outs:
-        toks = list(o.outputs[0].token_ids)
-        lps = [d[t].logprob for d, t in zip(o.outputs[0].logprobs, toks)]
-        results.append({"tokens": toks, "logprobs": lps})
-    print("RESULT " + json.dumps({"calls": calls, "results": results}))
-    """
-)
-
-
-def run_engine(kernel: str, prompts: list[list[int]], new_tokens: int) -> dict:
-    env = {
-        **os.environ,
-        backend.KERNEL_ENV: kernel,
-        "VLLM_ENABLE_V1_MULTIPROCESSING": "0",
-        "HF_HUB_OFFLINE": "1",
-        "VLLM_CPU_KVCACHE_SPACE": "1",
-        "VLLM_HOST_IP": "127.0.0.1",
-    }
-    proc = subprocess.run(
-        [sys.executable, "-c", ENGINE_SCRIPT, json.dumps(prompts), str(new_tokens)],
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=900,
-        cwd=ROOT,
-    )
-    lines = [x for x in proc.stdout.splitlines() if x.startswith("RESULT ")]
-    assert proc.returncode == 0 and lines, proc.stderr[-4000:]
-    return json.loads(lines[-1][len("RESULT ") :])
-
-
 def test_engine_compiled_decode_equals_torch_path(tiny_llama: str) -> None:
     """vLLM with VLLM_SINK_KERNEL=cpu and =torch: same greedy streams.
 
@@ -265,8 +211,9 @@ def test_engine_compiled_decode_equals_torch_path(tiny_llama: str) -> None:
     ]
     compiled = run_engine("cpu", prompts, 60)
     torch_only = run_engine("torch", prompts, 60)
-    assert compiled["calls"]["compiled"] > 0
-    assert torch_only["calls"]["compiled"] == 0
+    assert compiled["calls"]["compiled"] > 0 and compiled["calls"]["triton"] == 0
+    assert torch_only["calls"]["compiled"] == 0 and torch_only["calls"]["torch"] > 0
     for a, b in zip(compiled["results"], torch_only["results"]):
         assert a["tokens"] == b["tokens"]
-        assert max(abs(x - y) for x, y in zip(a["logprobs"], b["logprobs"])) < 1e-4
+        for key in ("logprobs", "prompt_logprobs"):
+            assert max(abs(x - y) for x, y in zip(a[key], b[key])) < 1e-4

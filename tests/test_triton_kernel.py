@@ -15,11 +15,9 @@ Batches and the float64 reference come from kernel_cases.py.
 from __future__ import annotations
 
 import importlib
-import json
 import os
 import subprocess
 import sys
-import textwrap
 import xml.etree.ElementTree as ET
 from pathlib import Path
 
@@ -39,6 +37,7 @@ from kernel_cases import (  # noqa: E402
     make_batch,
     reference64,
     rel_err,
+    run_engine,
 )
 
 from vllm_sink.attention import torch_path  # noqa: E402
@@ -225,43 +224,6 @@ def test_zero_sink_matches_torch_path(splits, child_outcomes, request) -> None:
     assert rel_err(plain, expected.double()) > 1e-3  # the variant changes outputs
 
 
-ENGINE_SCRIPT = textwrap.dedent(
-    """
-    import json, sys
-    from vllm import LLM, SamplingParams
-    from vllm_sink.attention import torch_path, triton_path
-    from vllm_sink.tiny_models import make_tiny_model
-
-    calls = {"triton": 0, "torch": 0}
-    def counting(name, fn):
-        def wrapped(*args, **kwargs):
-            calls[name] += 1
-            return fn(*args, **kwargs)
-        return wrapped
-    triton_path.sink_attention_triton = counting(
-        "triton", triton_path.sink_attention_triton)
-    torch_path.sink_attention = counting("torch", torch_path.sink_attention)
-
-    prompts, new_tokens = json.loads(sys.argv[1]), int(sys.argv[2])
-    llm = LLM(make_tiny_model("llama"), dtype="float32", enforce_eager=True,
-              block_size=16, max_model_len=4096, max_num_batched_tokens=64,
-              max_num_seqs=4, seed=0,
-              additional_config={"attention_sink": {"sink": 4, "window": 20}})
-    params = SamplingParams(max_tokens=new_tokens, temperature=0, ignore_eos=True,
-                            logprobs=0, prompt_logprobs=0)
-    outs = llm.generate([{"prompt_token_ids": p} for p in prompts], params,
-                        use_tqdm=False)
-    results = []
-    for p, o in zip(prompts, outs):
-        toks = list(o.outputs[0].token_ids)
-        lps = [d[t].logprob for d, t in zip(o.outputs[0].logprobs, toks)]
-        plps = [d[t].logprob for d, t in zip(o.prompt_logprobs[1:], p[1:])]
-        results.append({"tokens": toks, "logprobs": lps, "prompt_logprobs": plps})
-    print("RESULT " + json.dumps({"calls": calls, "results": results}))
-    """
-)
-
-
 def test_engine_with_triton_kernel_equals_oracle(tiny_llama: str) -> None:
     """vLLM on the tiny llama with VLLM_SINK_KERNEL=triton matches the oracle.
 
@@ -272,27 +234,7 @@ def test_engine_with_triton_kernel_equals_oracle(tiny_llama: str) -> None:
 
     prompts = [[(i * 37) % 250 + 3 for i in range(n)] for n in (40, 90)]
     new_tokens = 60
-    env = {
-        **os.environ,
-        "VLLM_SINK_KERNEL": "triton",
-        "VLLM_ENABLE_V1_MULTIPROCESSING": "0",
-        "HF_HUB_OFFLINE": "1",
-        "VLLM_CPU_KVCACHE_SPACE": "1",
-        "VLLM_HOST_IP": "127.0.0.1",
-    }
-    if DEVICE == "cpu":
-        env["TRITON_INTERPRET"] = "1"
-    proc = subprocess.run(
-        [sys.executable, "-c", ENGINE_SCRIPT, json.dumps(prompts), str(new_tokens)],
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=900,
-        cwd=ROOT,
-    )
-    lines = [x for x in proc.stdout.splitlines() if x.startswith("RESULT ")]
-    assert proc.returncode == 0 and lines, proc.stderr[-4000:]
-    payload = json.loads(lines[-1][len("RESULT ") :])
+    payload = run_engine("triton", prompts, new_tokens)
     assert payload["calls"]["triton"] > 0 and payload["calls"]["torch"] == 0
     jobs = [Job(tiny_llama, 4, 20, tuple(p), new_tokens) for p in prompts]
     for i, (got, ref) in enumerate(zip(payload["results"], references(jobs))):
