@@ -176,18 +176,19 @@ def supports(
     )
 
 
-_float_tables: dict[tuple[int, int, torch.dtype], torch.Tensor] = {}
+# id(table), rows -> (table, its first rows as float32). Holding the table keeps
+# its id from being reused by another tensor while the entry lives.
+_float_tables: dict[tuple[int, int], tuple[torch.Tensor, torch.Tensor]] = {}
 
 
 def _float_table(cos_sin: torch.Tensor, rows: int) -> torch.Tensor:
     """The first ``rows`` rows of a rotary table as contiguous float32, cached
     (the model's table is one tensor shared by every layer)."""
-    key = (cos_sin.data_ptr(), rows, cos_sin.dtype)
-    table = _float_tables.get(key)
-    if table is None:
-        table = cos_sin[:rows].float().contiguous()
-        _float_tables[key] = table
-    return table
+    entry = _float_tables.get((id(cos_sin), rows))
+    if entry is None or entry[0] is not cos_sin:
+        entry = (cos_sin, cos_sin[:rows].float().contiguous())
+        _float_tables[(id(cos_sin), rows)] = entry
+    return entry[1]
 
 
 def sink_decode(

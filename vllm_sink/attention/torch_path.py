@@ -267,6 +267,7 @@ def _compiled_decodes(
 ) -> torch.Tensor:
     """:func:`_torch_decodes` in one compiled pass (cpu_decode.c), where it
     runs; writes into ``out`` when given (and returns it)."""
+    # Imported here: gpu_kernel_check.py loads this file alone, without the package.
     from vllm_sink.attention import cpu_kernel
 
     if not cpu_kernel.supports(query, kv_cache, out):
