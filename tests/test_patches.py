@@ -116,6 +116,7 @@ def test_diffs_exist():
         "0004-rope-skip-in-sink-mode.diff",
         "0005-cpu-platform-custom-backend.diff",
         "0006-streams-past-max-model-len.diff",
+        "0007-stream-seams.diff",
     ]
 
 
@@ -168,7 +169,8 @@ def test_every_monkeypatch_names_an_existing_diff(patches):
         assert any(name in head for name in mentions), (
             f"the header of {patch.diff} does not mention {patch.target}"
         )
-        assert callable(original(patch.owner, patch.name)), patch.target
+        if not patch.added:
+            assert callable(original(patch.owner, patch.name)), patch.target
 
 
 def test_every_diff_replaces_a_monkeypatch(patches):

@@ -50,13 +50,14 @@ def register() -> None:
 
     check_vllm_version(vllm.__version__)
 
-    from vllm_sink import attention, cli, config, kv_cache, rope, streams
+    from vllm_sink import attention, cli, config, kv_cache, rope, seams, streams
 
     cli.install()
     config.install()
     kv_cache.install()
     rope.install()
     attention.install()
+    seams.install()
     streams.install()
     _registered = True
     _trace_registration()

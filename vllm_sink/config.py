@@ -218,13 +218,6 @@ def check_model(cfg: SinkConfig, vllm_config: VllmConfig) -> None:
 
 def apply_to_vllm_config(cfg: SinkConfig, vllm_config: VllmConfig) -> None:
     """Switch off what would bypass or contradict sink attention."""
-    cache_config = vllm_config.cache_config
-    if cache_config.enable_prefix_caching:
-        logger.info(
-            "vllm-sink: prefix caching is off in sink mode (sink-aware reuse of "
-            "pinned and window blocks is not implemented yet)."
-        )
-        cache_config.enable_prefix_caching = False
     passes = vllm_config.compilation_config.pass_config
     # These passes fuse rotary into the KV-cache write or q/k-norm; sink mode
     # rotates at read, so a fused rotary would silently rotate keys twice.

@@ -12,6 +12,7 @@ from dataclasses import dataclass, fields
 from typing import TYPE_CHECKING
 
 from vllm.utils.math_utils import cdiv
+from vllm.v1.core.kv_cache_utils import resolve_block_hashes
 from vllm.v1.core.single_type_kv_cache_manager import FullAttentionManager
 from vllm.v1.kv_cache_interface import (
     FullAttentionSpec,
@@ -46,13 +47,14 @@ class SinkWindowSpec(SlidingWindowSpec):
     def max_admission_blocks_per_request(
         self, max_in_flight_tokens: int, max_model_len: int
     ) -> int:
-        """Pinned blocks + the window and in-flight tokens + one misaligned block.
+        """Pinned blocks + the window and in-flight tokens + two blocks.
 
-        Bound: ceil(S/bs) + ceil((W - 1 + in_flight)/bs) + 1, never more than
-        a full-attention request of max_model_len tokens would hold.
+        Bound: ceil(S/bs) + ceil((W - 1 + in_flight)/bs) + 2 (one misaligned
+        block, one retained for seams, see ``SinkWindowManager``), never more
+        than a full-attention request of max_model_len tokens would hold.
         """
         window_tokens = self.sliding_window - 1 + max_in_flight_tokens
-        bound = self.num_pinned_blocks + cdiv(window_tokens, self.block_size) + 1
+        bound = self.num_pinned_blocks + cdiv(window_tokens, self.block_size) + 2
         return min(bound, cdiv(max_model_len, self.block_size))
 
 
@@ -61,9 +63,23 @@ class SinkWindowManager(FullAttentionManager):
 
     Before a step whose first query is token ``n`` (``n`` computed tokens),
     the window starts at ``ws = max(S, n - W + 1)``; the freed gap is the
-    blocks wholly inside ``[ceil(S / bs) * bs, ws)``, i.e. block indices
-    ``[ceil(S / bs), ws // bs)``. Freed entries become the null block, so the
-    worker's block table never points at a block another request now owns.
+    blocks wholly inside ``[ceil(S / bs) * bs, ws - bs)``, i.e. block indices
+    ``[ceil(S / bs), max(0, ws - bs) // bs)``. One block more than the window
+    needs is retained, so that when the request ends, the blocks a seam seed
+    starts from (``seams.seed_blocks``: at most one block before the window of
+    the last token) are still the request's. Freed entries become the null
+    block, so the worker's block table never points at a block another request
+    now owns; freed blocks keep their hashes until the pool reuses them.
+
+    Prefix-cache hit (``find_longest_cache_hit``): token ``j``'s pre-RoPE K/V
+    is a pure function of the stream tokens ``0..j`` (its queries saw only
+    earlier tokens of the same stream under the same S, W and sink variant,
+    which are fixed per engine), and a block's hash chains over exactly those
+    tokens, so a cached block holds the K/V this request would compute. A hit
+    of ``h`` tokens is exact when every key a recomputed query ``t >= h``
+    reads is cached: the pinned blocks ``[0, p)`` and the blocks from the
+    window start of ``h``, ``[max(p, (h - W + 1) // bs), h // bs)``. The
+    evicted middle is never read and comes back as null blocks.
     """
 
     def __init__(self, kv_cache_spec: SinkWindowSpec, **kwargs) -> None:
@@ -80,7 +96,7 @@ class SinkWindowManager(FullAttentionManager):
         del num_prompt_tokens
         window_start = max(self.sink, processed_computed_tokens - self.window + 1)
         first_gap_block = cdiv(self.sink, self.block_size)
-        last_gap_block = window_start // self.block_size  # exclusive
+        last_gap_block = max(0, window_start - self.block_size) // self.block_size
         free_before = self.block_pool.get_num_free_blocks()
         self._remove_blocks_in_range(request_id, first_gap_block, last_gap_block)
         engine_stats.update(
@@ -91,9 +107,77 @@ class SinkWindowManager(FullAttentionManager):
         super().free(request_id)
         engine_stats.update(0, self._pinned_blocks())
 
+    @classmethod
+    def find_longest_cache_hit(
+        cls,
+        block_hashes,
+        max_length: int,
+        kv_cache_group_ids: list[int],
+        block_pool,
+        kv_cache_spec: KVCacheSpec,
+        drop_eagle_block: bool,
+        alignment_tokens: int,
+        dcp_world_size: int = 1,
+        pcp_world_size: int = 1,
+    ):
+        """Pinned blocks + the contiguous run covering the window at the hit."""
+        assert isinstance(kv_cache_spec, SinkWindowSpec)
+        bs = kv_cache_spec.block_size
+        groups = len(kv_cache_group_ids)
+        if drop_eagle_block or alignment_tokens != bs or dcp_world_size > 1:
+            return tuple([] for _ in range(groups)), 0  # refused at start-up
+        hashes = resolve_block_hashes(block_hashes, block_pool.hash_block_size, bs)
+        cached = _CachedLookup(hashes, block_pool, kv_cache_group_ids)
+        pinned = kv_cache_spec.num_pinned_blocks
+        window_blocks = cdiv(kv_cache_spec.sliding_window - 1, bs)
+        num_blocks = min(max_length // bs, len(hashes))
+        hit = sink_hit_blocks(num_blocks, pinned, window_blocks, cached.has)
+        null = block_pool.null_block
+        computed = tuple([null] * hit for _ in range(groups))
+        for i, found in cached.found.items():
+            if i < min(pinned, hit) or hit - window_blocks <= i < hit:
+                for blocks, block in zip(computed, found):
+                    blocks[i] = block
+        return computed, hit * bs
+
     def _pinned_blocks(self) -> int:
         pinned = cdiv(self.sink, self.block_size)
         return sum(min(pinned, len(b)) for b in self.req_to_blocks.values())
+
+
+class _CachedLookup:
+    """Block-pool lookups by block index, remembering what was found."""
+
+    def __init__(self, hashes, block_pool, group_ids: list[int]) -> None:
+        self.hashes, self.pool, self.group_ids = hashes, block_pool, group_ids
+        self.found: dict[int, list] = {}
+
+    def has(self, index: int) -> bool:
+        blocks = self.pool.get_cached_block(self.hashes[index], self.group_ids)
+        if blocks:
+            self.found[index] = blocks
+        return bool(blocks)
+
+
+def sink_hit_blocks(num_blocks: int, pinned: int, window_blocks: int, has) -> int:
+    """Longest exact hit, in blocks, among the first ``num_blocks``.
+
+    ``has(i)`` says whether block ``i`` is cached. A hit of ``h`` blocks needs
+    blocks ``[0, min(p, h))`` and ``[max(p, h - window_blocks), h)`` cached,
+    with ``window_blocks = ceil((W - 1) / bs)``.
+    """
+    for i in range(min(pinned, num_blocks)):
+        if not has(i):
+            return i  # a plain prefix hit
+    run = 0
+    for i in range(num_blocks - 1, pinned - 1, -1):
+        if not has(i):
+            run = 0
+            continue
+        run += 1
+        if run >= window_blocks or i == pinned:
+            return i + min(run, max(window_blocks, 1))
+    return min(pinned, num_blocks)
 
 
 def sink_spec_from(spec: KVCacheSpec, cfg: SinkConfig) -> KVCacheSpec:

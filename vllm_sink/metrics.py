@@ -25,6 +25,8 @@ DIR_ENV = "VLLM_SINK_METRICS_DIR"
 FLUSH_SECONDS = 0.2
 
 _rollovers = 0
+_continuations = 0
+_restreams = 0
 _collector: SinkCollector | None = None
 _config: SinkConfig | None = None
 
@@ -104,6 +106,17 @@ class SinkCollector:
             "Streams continued past max_model_len as a new engine request.",
             value=_rollovers,
         )
+        yield CounterMetricFamily(
+            "vllm:sink_stream_continuations",
+            "Requests that continued a cached stream past max_model_len.",
+            value=_continuations,
+        )
+        yield CounterMetricFamily(
+            "vllm:sink_stream_restreams",
+            "Requests past max_model_len that found no cached stream to continue "
+            "and streamed their prompt from its start.",
+            value=_restreams,
+        )
         if _config is not None:
             info = GaugeMetricFamily(
                 "vllm:sink_config_info",
@@ -130,3 +143,12 @@ def start_front_end(cfg: SinkConfig) -> None:
 def count_rollover() -> None:
     global _rollovers
     _rollovers += 1
+
+
+def count_continuation(continued: bool) -> None:
+    """A long prompt continued a cached stream, or fell back to re-streaming."""
+    global _continuations, _restreams
+    if continued:
+        _continuations += 1
+    else:
+        _restreams += 1

@@ -22,6 +22,7 @@ class Patch:
     name: str
     reason: str
     diff: str  # file name under patches/
+    added: bool = False  # a new attribute (nothing replaced)
 
     @property
     def target(self) -> str:
@@ -105,3 +106,18 @@ def wrap_method(
         return wrapper
 
     return decorate
+
+
+def add_method(
+    owner: type, name: str, func: Callable[..., Any], *, reason: str, diff: str
+) -> None:
+    """Give ``owner`` a method it does not have (an engine-core utility, say)."""
+    if (owner, name) in _PATCHES:
+        return
+    if name in owner.__dict__:
+        raise RuntimeError(
+            f"vllm-sink: {owner.__qualname__}.{name} exists in this vLLM; the "
+            f"plugin would replace it ({diff}). Check the vLLM version."
+        )
+    setattr(owner, name, func)
+    _PATCHES[(owner, name)] = Patch(owner, name, reason, diff, added=True)

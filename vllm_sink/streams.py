@@ -4,17 +4,18 @@ vLLM caps every request at ``max_model_len`` (prompt validation, default
 max_tokens, stop check, scheduler budget, per-request worker buffers). In sink
 mode a request only ever attends to its S sink tokens and last W tokens, so
 when a request would pass ``max_model_len`` it *rolls over*: it continues as a
-new engine request whose prompt is the sink tokens plus the last W tokens of
-the stream (the next token sees exactly those keys). Prompts longer than
+new engine request (a segment) whose prompt is a seed, the stream's pinned
+blocks plus its block-aligned window blocks, followed by new tokens. The
+segment takes the previous one's blocks through the prefix cache (``seams``
+says how and why that is exact), so nothing is recomputed. Prompts longer than
 ``max_model_len`` are fed the same way, in prefill-only segments whose sampled
-token is discarded.
+token is discarded; one that extends a stream the engine still caches (a chat
+re-sending its history) starts from that stream's blocks (``sink_lookup``).
 
 The caller sees one stream: one request id, the original prompt, continuous
 token ids / text / logprobs, usage over the whole stream, ``finish_reason``
 only at the real end. Segment ``k`` samples with ``seed + k`` (reproducible).
-Re-seeded window keys are recomputed from the shorter context, so outputs after
-a rollover differ slightly from a stream that never rolled over; a stop string
-spanning a seam is not detected.
+A stop string spanning a seam is not detected.
 """
 
 from __future__ import annotations
@@ -28,9 +29,10 @@ from vllm.inputs.engine import tokens_input
 from vllm.outputs import RequestOutput
 from vllm.sampling_params import RequestOutputKind, SamplingParams
 
+from vllm_sink import seams
 from vllm_sink.config import SinkConfig, SinkConfigError
+from vllm_sink.seams import SEGMENT_SEP
 
-SEGMENT_SEP = "~sink"
 SEED_STRIDE = 1_000_003
 
 
@@ -61,9 +63,12 @@ class Stream:
     cfg: SinkConfig
     max_model_len: int
     hidden: int = 0  # leading prompt tokens (the sink token) kept from the user
+    block_size: int = 16
     pending: list[int] = field(default_factory=list)
-    sinks: list[int] = field(default_factory=list)
-    recent: list[int] = field(default_factory=list)
+    head: list[int] = field(default_factory=list)  # stream tokens [0, p*bs)
+    tail: list[int] = field(default_factory=list)  # stream tokens [tail_start, known)
+    tail_start: int = 0
+    known: int = 0  # stream tokens fed to the engine so far (prompt and output)
     tokens: list[int] = field(default_factory=list)
     text: str = ""
     logprobs: list | None = None
@@ -76,9 +81,12 @@ class Stream:
     seg_logprobs: list = field(default_factory=list)
     seg_cumulative: float | None = None
     done: bool = False
+    continued: bool = False  # started from a cached stream (sink_lookup)
+    reuse: bool = True  # the engine caches prefixes (so sink_lookup may hit)
 
     def __post_init__(self) -> None:
         self.pending = list(self.prompt_ids)
+        self.tail_start = self.head_len
         if self.params.logprobs is not None:
             self.logprobs = []
             self.cumulative_logprob = 0.0
@@ -86,26 +94,65 @@ class Stream:
             self.prompt_logprobs = [None]
 
     @property
+    def head_len(self) -> int:
+        return seams.pinned_blocks(self.cfg.sink, self.block_size) * self.block_size
+
+    @property
     def rollovers(self) -> int:
         return max(0, self.segments - 1)
 
+    def can_continue_cached(self) -> bool:
+        """Whether a cached stream may be looked up for this prompt."""
+        return self.reuse and self.params.prompt_logprobs is None and not self.hidden
+
+    def continue_from(self, first_block: int, hit_blocks: int) -> None:
+        """Start after ``hit_blocks`` prompt blocks the engine holds (sink_lookup)."""
+        if hit_blocks <= 0:
+            return
+        fed = hit_blocks * self.block_size
+        head, bs = self.head_len, self.block_size
+        self.head = self.prompt_ids[:head]
+        self.tail_start = first_block * bs
+        self.tail = self.prompt_ids[self.tail_start : fed]
+        self.known, self.pending = fed, self.prompt_ids[fed:]
+        self.continued = True
+
     def _remember(self, token_ids: list[int]) -> None:
-        """Keep only what a seed needs: the first S and the last W tokens."""
-        need = self.cfg.sink - len(self.sinks)
-        if need > 0:
-            self.sinks.extend(token_ids[:need])
-            token_ids = token_ids[need:]
-        self.recent.extend(token_ids)
-        del self.recent[: max(0, len(self.recent) - self.cfg.window)]
+        """Keep only what a seed needs: the pinned blocks and the window blocks."""
+        room = self.head_len - len(self.head)
+        if room > 0:
+            self.head.extend(token_ids[:room])
+            token_ids = token_ids[room:]
+        self.tail.extend(token_ids)
+        self.known = len(self.head) + self.tail_start - self.head_len + len(self.tail)
+        first, _ = self._seed_blocks(recompute_last=True)
+        drop = first * self.block_size - self.tail_start
+        if drop > 0:
+            del self.tail[:drop]
+            self.tail_start += drop
+
+    def _seed_blocks(self, recompute_last: bool) -> tuple[int, int]:
+        return seams.seed_blocks(
+            self.known, recompute_last, self.cfg.sink, self.cfg.window, self.block_size
+        )
+
+    def _seed(self) -> tuple[list[int], int, int]:
+        """The next segment's seed tokens and its ``(k0, hb)``."""
+        if self.known == 0:
+            return [], seams.pinned_blocks(self.cfg.sink, self.block_size), 0
+        recompute_last = not self.pending or self.prompt_logprobs is not None
+        k0, hb = self._seed_blocks(recompute_last)
+        start = k0 * self.block_size - self.tail_start
+        return self.head + self.tail[max(0, start) :], k0, hb
 
     def next_segment(self) -> Segment:
-        seed = self.sinks + self.recent
+        seed, k0, hb = self._seed()
         room = self.max_model_len - len(seed) - 1
         if room < 1:
             raise SinkConfigError(
                 f"--max-model-len {self.max_model_len} leaves no room past the "
                 f"{len(seed)}-token seed of a rollover. Fix: --max-model-len "
-                f"{2 * self.cfg.span} or more."
+                f"{2 * (self.cfg.span + 2 * self.block_size)} or more."
             )
         offset = len(self.prompt_ids) - len(self.pending) + len(self.tokens)
         chunk, self.pending = self.pending[:room], self.pending[room:]
@@ -114,9 +161,8 @@ class Stream:
         prefill_only = bool(self.pending)
         left = self.params.max_tokens - len(self.tokens)
         params = copy.copy(self.params)
-        params.max_tokens = (
-            1 if prefill_only else min(left, self.max_model_len - len(prompt))
-        )
+        gen_room = self.max_model_len - len(prompt)
+        params.max_tokens = 1 if prefill_only else min(left, gen_room)
         params.min_tokens = (
             0 if prefill_only else max(0, params.min_tokens - len(self.tokens))
         )
@@ -124,6 +170,18 @@ class Stream:
             params.seed = self.params.seed + SEED_STRIDE * self.segments
         if prefill_only:
             params.output_kind = RequestOutputKind.FINAL_ONLY
+        pinned = seams.pinned_blocks(self.cfg.sink, self.block_size)
+        cap = None
+        if seed:
+            cap = (pinned + hb - k0) * self.block_size
+            params.skip_reading_prefix_cache = False  # the seed is always read
+        marker = seams.SeamMarker(
+            stream=self.request_id,
+            first_block=k0,
+            cap_tokens=cap,
+            hold=prefill_only or left > gen_room,
+        )
+        params.extra_args = marker.to_extra_args(self.params.extra_args)
         suffix = f"{SEGMENT_SEP}{self.segments}" if self.segments else ""
         self.segments += 1
         engine_id = f"{self.request_id}{suffix}"
@@ -253,6 +311,7 @@ def plan_stream(
     cfg: SinkConfig | None,
     max_model_len: int,
     tokenizer: Any = None,
+    block_size: int = 16,
 ) -> Stream | None:
     """A Stream when this request needs rollover, else None (vLLM as usual)."""
     if cfg is None or not isinstance(params, SamplingParams):
@@ -274,7 +333,23 @@ def plan_stream(
             "Streams past --max-model-len and --sink-token-id support n=1 only. "
             "Fix: use n=1, or keep prompt + max_tokens within --max-model-len."
         )
-    return Stream(request_id, list(ids), text, params, cfg, max_model_len, hidden)
+    return Stream(
+        request_id, list(ids), text, params, cfg, max_model_len, hidden, block_size
+    )
+
+
+def wants_lookup(stream: Stream) -> bool:
+    """A prompt the first plain segment cannot hold may continue a cached stream."""
+    return stream.can_continue_cached() and len(stream.prompt_ids) >= (
+        stream.max_model_len - 1
+    )
+
+
+def continue_cached(stream: Stream, found: tuple[int, int]) -> None:
+    from vllm_sink import metrics
+
+    stream.continue_from(*found)
+    metrics.count_continuation(stream.continued)
 
 
 def default_max_tokens(max_model_len: int, prompt_len: int) -> int:
@@ -347,11 +422,36 @@ def _table(engine: Any) -> StreamTable:
     return table
 
 
-def _engine_sink_config(engine: Any) -> tuple[SinkConfig | None, int]:
+def _engine_stream(
+    engine: Any, request_id: str, prompt: Any, params: Any
+) -> Stream | None:
     from vllm_sink.config import get_sink_config
 
     vllm_config = getattr(engine, "vllm_config", None)
-    return get_sink_config(vllm_config), vllm_config.model_config.max_model_len
+    cfg = get_sink_config(vllm_config)
+    if cfg is None:
+        return None
+    cache_config = vllm_config.cache_config
+    stream = plan_stream(
+        request_id,
+        prompt,
+        params,
+        cfg,
+        vllm_config.model_config.max_model_len,
+        _tokenizer(engine),
+        cache_config.block_size,
+    )
+    if stream is not None:
+        stream.reuse = bool(cache_config.enable_prefix_caching)
+    return stream
+
+
+def _lookup(engine: Any, stream: Stream) -> tuple[int, int]:
+    """Ask the engine core for a held seed (offline engine: in-process or not)."""
+    client, args = engine.engine_core, (stream.request_id, stream.prompt_ids)
+    if hasattr(client, "call_utility"):
+        return tuple(client.call_utility("sink_lookup", *args))
+    return client.engine_core.sink_lookup(*args)
 
 
 def _tokenizer(engine: Any) -> Any:
@@ -447,10 +547,11 @@ def install() -> None:
         LLMEngine, "add_request", reason="streams past max_model_len", diff=diff
     )
     def add_request(original, self, request_id, prompt, params, *args, **kwargs):
-        cfg, max_len = _engine_sink_config(self)
-        stream = plan_stream(request_id, prompt, params, cfg, max_len, _tokenizer(self))
+        stream = _engine_stream(self, request_id, prompt, params)
         if stream is None:
             return original(self, request_id, prompt, params, *args, **kwargs)
+        if wants_lookup(stream):
+            continue_cached(stream, _lookup(self, stream))
         kwargs.pop("prompt_text", None)  # the text of the first segment's prompt only
         stream.engine_options = (args, kwargs)  # lora, priority, ... each segment
         segment = _table(self).start(stream)
@@ -512,16 +613,18 @@ def install() -> None:
 
     @wrap_method(AsyncLLM, "generate", reason="streams past max_model_len", diff=diff)
     def generate(original, self, prompt, sampling_params, request_id, *args, **kwargs):
-        cfg, max_len = _engine_sink_config(self)
-        stream = plan_stream(
-            request_id, prompt, sampling_params, cfg, max_len, _tokenizer(self)
-        )
+        stream = _engine_stream(self, request_id, prompt, sampling_params)
         if stream is None:
             return original(self, prompt, sampling_params, request_id, *args, **kwargs)
         kwargs.pop("prompt_text", None)
         return _generate_stream(original, self, stream, args, kwargs)
 
     async def _generate_stream(original, engine, stream: Stream, args, kwargs):
+        if wants_lookup(stream):
+            found = await engine.engine_core.call_utility_async(
+                "sink_lookup", stream.request_id, stream.prompt_ids
+            )
+            continue_cached(stream, tuple(found))
         table = _table(engine)
         segment = table.start(stream)
         try:

@@ -1,0 +1,193 @@
+"""Multi-turn conversations: per-turn time against history length.
+
+    python benchmarks/multiturn.py [--model tiny|smollm2|DIR] [--histories 1024,...]
+        [--new 64] [--out 32] [--turns 3] [--json F] [--png F]
+
+A chat client re-sends its whole history every turn (earlier turns + the new
+message). For each history length H, each engine first serves one turn at H (a
+warm-up that brings the conversation there), then the next ``--turns`` turns
+are timed (each ``--new`` tokens in, ``--out`` greedy tokens out). Engines,
+measured side by side in one run:
+
+- sink mode with reuse (prefix caching on: sink-aware hits below max_model_len,
+  ``sink_lookup`` continuations past it);
+- sink mode without reuse (``enable_prefix_caching=False``: every turn
+  re-streams its whole history);
+- dense vLLM with prefix caching, while the history fits its context.
+
+Offline engines (``LLM``); the time of a turn is the wall time of its
+``generate`` call (prefill of the new tokens, decode of the answer).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import random
+import statistics
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+ASCII = list(range(32, 127))
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--model", default="tiny")
+    parser.add_argument("--sink", type=int, default=4)
+    parser.add_argument("--window", type=int, default=1020)
+    parser.add_argument("--max-model-len", type=int, default=4096)
+    parser.add_argument("--dense-context", type=int, default=16384)
+    parser.add_argument("--histories", default="1024,4096,16384,65536")
+    parser.add_argument("--new", type=int, default=64)
+    parser.add_argument("--out", type=int, default=32)
+    parser.add_argument("--turns", type=int, default=3)
+    parser.add_argument("--methods", default="reuse,no-reuse,dense")
+    parser.add_argument("--json", type=Path, default=None)
+    parser.add_argument("--png", type=Path, default=None)
+    return parser.parse_args(argv)
+
+
+def model_path(name: str, context: int) -> str:
+    if name == "tiny":
+        from vllm_sink.tiny_models import make_tiny_model
+
+        return make_tiny_model("llama", max_position_embeddings=context)
+    if name == "smollm2":
+        from vllm_sink.smollm2 import smollm2_path
+
+        return str(smollm2_path())
+    return name
+
+
+def make_engine(args: argparse.Namespace, model: str, method: str):
+    from vllm import LLM
+
+    options = dict(
+        dtype="float32",
+        enforce_eager=True,
+        block_size=16,
+        max_num_seqs=4,
+        seed=0,
+        enable_prefix_caching=method != "no-reuse",
+    )
+    if method == "dense":
+        options["max_model_len"] = args.dense_context
+    else:
+        options["max_model_len"] = args.max_model_len
+        sink = {"sink": args.sink, "window": args.window}
+        options["additional_config"] = {"attention_sink": sink}
+    return LLM(model, **options)
+
+
+def turn(llm, history: list[int], out: int) -> tuple[float, list[int]]:
+    from vllm import SamplingParams
+
+    params = SamplingParams(
+        max_tokens=out, temperature=0, ignore_eos=True, allowed_token_ids=ASCII
+    )
+    start = time.perf_counter()
+    (result,) = llm.generate(
+        [{"prompt_token_ids": list(history)}], params, use_tqdm=False
+    )
+    return time.perf_counter() - start, list(result.outputs[0].token_ids)
+
+
+def conversation(llm, args, history_len: int, fits: int | None) -> list[float]:
+    """Warm up at ``history_len`` tokens, then time ``--turns`` turns."""
+    rng = random.Random(history_len)
+    history = [rng.randrange(3, 250) for _ in range(history_len)]
+    times = []
+    for index in range(args.turns + 1):
+        history += [rng.randrange(3, 250) for _ in range(args.new)]
+        if fits is not None and len(history) + args.out > fits:
+            return []
+        seconds, answer = turn(llm, history, args.out)
+        history += answer
+        if index:  # the first turn is the warm-up
+            times.append(seconds)
+    return times
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
+    os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "4")
+    histories = [int(h) for h in args.histories.split(",")]
+    model = model_path(args.model, args.dense_context)
+    rows = []
+    for method in args.methods.split(","):
+        llm = make_engine(args, model, method)
+        fits = args.dense_context if method == "dense" else None
+        for history_len in histories:
+            times = conversation(llm, args, history_len, fits)
+            row = {
+                "method": method,
+                "history": history_len,
+                "turn_s": statistics.median(times) if times else None,
+                "times": times,
+            }
+            rows.append(row)
+            shown = "-" if not times else f"{row['turn_s'] * 1000:.1f} ms"
+            print(
+                f"[multiturn] {method:9s} history {history_len:7d}: {shown}", flush=True
+            )
+        llm.llm_engine.engine_core.shutdown()
+        del llm
+    print_table(rows, histories)
+    if args.json:
+        meta = {
+            k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()
+        }
+        args.json.write_text(json.dumps({"args": meta, "rows": rows}, indent=1))
+    if args.png:
+        plot(rows, args.png)
+    return 0
+
+
+def print_table(rows: list[dict], histories: list[int]) -> None:
+    methods = list(dict.fromkeys(r["method"] for r in rows))
+    print("\n| history | " + " | ".join(f"{m} (ms/turn)" for m in methods) + " |")
+    print("|---:|" + "---:|" * len(methods))
+    for history_len in histories:
+        cells = []
+        for method in methods:
+            row = next(
+                r for r in rows if r["method"] == method and r["history"] == history_len
+            )
+            cells.append(
+                "-" if row["turn_s"] is None else f"{row['turn_s'] * 1000:.1f}"
+            )
+        print(f"| {history_len} | " + " | ".join(cells) + " |")
+    reuse = {r["history"]: r["turn_s"] for r in rows if r["method"] == "reuse"}
+    if reuse.get(histories[0]) and reuse.get(histories[-1]):
+        ratio = reuse[histories[-1]] / reuse[histories[0]]
+        print(f"\nreuse: turn at {histories[-1]} / at {histories[0]} = {ratio:.2f}x")
+
+
+def plot(rows: list[dict], path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(6, 4))
+    for method in dict.fromkeys(r["method"] for r in rows):
+        points = [(r["history"], r["turn_s"]) for r in rows if r["method"] == method]
+        points = [(h, t * 1000) for h, t in points if t is not None]
+        ax.plot(*zip(*points), marker="o", label=method)
+    ax.set_xscale("log")
+    ax.set_xlabel("history (tokens)")
+    ax.set_ylabel("time per turn (ms)")
+    ax.legend()
+    ax.grid(alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+
+
+if __name__ == "__main__":
+    sys.path.insert(0, str(ROOT))
+    sys.exit(main())
