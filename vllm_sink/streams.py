@@ -68,7 +68,6 @@ class Stream:
     head: list[int] = field(default_factory=list)  # stream tokens [0, p*bs)
     tail: list[int] = field(default_factory=list)  # stream tokens [tail_start, known)
     tail_start: int = 0
-    known: int = 0  # stream tokens fed to the engine so far (prompt and output)
     tokens: list[int] = field(default_factory=list)
     text: str = ""
     logprobs: list | None = None
@@ -94,8 +93,17 @@ class Stream:
             self.prompt_logprobs = [None]
 
     @property
+    def pinned(self) -> int:
+        return seams.pinned_blocks(self.cfg.sink, self.block_size)
+
+    @property
     def head_len(self) -> int:
-        return seams.pinned_blocks(self.cfg.sink, self.block_size) * self.block_size
+        return self.pinned * self.block_size
+
+    @property
+    def known(self) -> int:
+        """Stream tokens fed to the engine so far (prompt and output)."""
+        return len(self.head) + self.tail_start - self.head_len + len(self.tail)
 
     @property
     def rollovers(self) -> int:
@@ -110,11 +118,10 @@ class Stream:
         if hit_blocks <= 0:
             return
         fed = hit_blocks * self.block_size
-        head, bs = self.head_len, self.block_size
-        self.head = self.prompt_ids[:head]
-        self.tail_start = first_block * bs
+        self.head = self.prompt_ids[: self.head_len]
+        self.tail_start = first_block * self.block_size
         self.tail = self.prompt_ids[self.tail_start : fed]
-        self.known, self.pending = fed, self.prompt_ids[fed:]
+        self.pending = self.prompt_ids[fed:]
         self.continued = True
 
     def _remember(self, token_ids: list[int]) -> None:
@@ -124,7 +131,6 @@ class Stream:
             self.head.extend(token_ids[:room])
             token_ids = token_ids[room:]
         self.tail.extend(token_ids)
-        self.known = len(self.head) + self.tail_start - self.head_len + len(self.tail)
         first, _ = self._seed_blocks(recompute_last=True)
         drop = first * self.block_size - self.tail_start
         if drop > 0:
@@ -139,7 +145,7 @@ class Stream:
     def _seed(self) -> tuple[list[int], int, int]:
         """The next segment's seed tokens and its ``(k0, hb)``."""
         if self.known == 0:
-            return [], seams.pinned_blocks(self.cfg.sink, self.block_size), 0
+            return [], self.pinned, 0
         recompute_last = not self.pending or self.prompt_logprobs is not None
         k0, hb = self._seed_blocks(recompute_last)
         start = k0 * self.block_size - self.tail_start
@@ -170,10 +176,9 @@ class Stream:
             params.seed = self.params.seed + SEED_STRIDE * self.segments
         if prefill_only:
             params.output_kind = RequestOutputKind.FINAL_ONLY
-        pinned = seams.pinned_blocks(self.cfg.sink, self.block_size)
         cap = None
         if seed:
-            cap = (pinned + hb - k0) * self.block_size
+            cap = (self.pinned + hb - k0) * self.block_size
             params.skip_reading_prefix_cache = False  # the seed is always read
         marker = seams.SeamMarker(
             stream=self.request_id,
