@@ -28,7 +28,7 @@ from torch import nn
 
 import vllm_sink
 from vllm_sink import cli
-from vllm_sink import config as sink_config
+from vllm_sink.config import SinkModelLen
 from vllm_sink.patching import Patch, installed_patches
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -42,12 +42,6 @@ SINK = {"attention_sink": {"sink": 4, "window": 28}}
 def patches() -> list[Patch]:
     vllm_sink.register()
     return installed_patches()
-
-
-@pytest.fixture
-def no_sink(monkeypatch):
-    """The front-end state of a process whose engine is not in sink mode."""
-    monkeypatch.setattr(sink_config, "front_end_config", None)
 
 
 def original(owner, name: str):
@@ -243,7 +237,7 @@ def test_create_engine_config_without_sink(tiny_llama):
     patched = engine_args().create_engine_config()
     plain = original(EngineArgs, "create_engine_config")(engine_args())
     assert os.environ.get("VLLM_ALLOW_LONG_MAX_MODEL_LEN") == env
-    assert sink_config.front_end_config is None
+    assert type(patched.model_config.max_model_len) is int  # plain vLLM's checks
     assert patched.compute_hash() == plain.compute_hash()
     assert patched.attention_config.backend == plain.attention_config.backend
     assert patched.cache_config.enable_prefix_caching == (
@@ -346,7 +340,7 @@ def test_cpu_backend_selection_without_custom():
     assert custom == AttentionBackendEnum.CUSTOM.get_path()
 
 
-def test_tokenize_params_without_sink(no_sink):
+def test_tokenize_params_without_sink():
     from vllm.exceptions import VLLMValidationError
     from vllm.renderers.params import TokenizeParams
 
@@ -370,7 +364,7 @@ def test_tokenize_params_without_sink(no_sink):
     assert str(patched.value) == str(plain.value)
 
 
-def test_get_max_tokens_without_sink(no_sink):
+def test_get_max_tokens_without_sink():
     from vllm.entrypoints.openai.chat_completion import serving as chat
     from vllm.entrypoints.openai.completion import serving as completion
     from vllm.entrypoints.serve.utils import api_utils
@@ -533,3 +527,20 @@ def test_other_vllm_version_fails_start_up(monkeypatch):
     assert installed_patches() == before  # refused before patching anything
     readme = (ROOT / "README.md").read_text()
     assert f"{vllm_sink.ALLOW_ENV}=1" in readme
+
+
+def test_front_end_limits_follow_each_engines_max_model_len(patches):
+    """A sink engine's max_model_len lifts the front-end limits; a plain one's not."""
+    from vllm.entrypoints.openai.completion import serving as completion
+    from vllm.exceptions import VLLMValidationError
+    from vllm.renderers.params import TokenizeParams
+
+    sink_len = SinkModelLen(128)
+    assert sink_len == 128 and repr(sink_len) == "128"
+    assert TokenizeParams(max_total_tokens=sink_len).max_input_tokens is None
+    TokenizeParams(max_total_tokens=sink_len, max_output_tokens=500)
+    assert completion.get_max_tokens(sink_len, 500, 300, {}) == 500
+    with pytest.raises(VLLMValidationError):
+        TokenizeParams(max_total_tokens=128, max_output_tokens=500)
+    with pytest.raises(ValueError):
+        completion.get_max_tokens(128, 5, 300, {})

@@ -6,6 +6,7 @@ import pytest
 from conftest import make_llm, shutdown
 from reference import Job, references
 from vllm import SamplingParams
+from vllm.exceptions import VLLMValidationError
 
 MAX_LEN = 128
 SINK, WINDOW = 4, 20
@@ -75,3 +76,22 @@ def test_abort_stops_a_rolled_over_stream(llm):
         engine.step()
     assert not engine.has_unfinished_requests()
     assert not engine.__dict__["_sink_streams"].by_user
+
+
+def test_plain_engine_beside_a_sink_engine_keeps_vllms_length_checks(llm, tiny_llama):
+    """Length rules are per engine: building a plain engine changes no sink one's.
+
+    Last in this module: two in-process engines share torch.distributed state, so
+    the plain one is shut down only after both were used.
+    """
+    plain = make_llm(tiny_llama, max_model_len=MAX_LEN, block_size=32)
+    prompts = ({"prompt_token_ids": list(LONG_PROMPT)}, "word " * 400)
+    params = SamplingParams(max_tokens=4, temperature=0, ignore_eos=True)
+    try:
+        for prompt in prompts:
+            with pytest.raises(VLLMValidationError, match="maximum context length"):
+                plain.generate([prompt], params, use_tqdm=False)
+            (out,) = llm.generate([prompt], params, use_tqdm=False)
+            assert len(out.outputs[0].token_ids) == 4
+    finally:
+        shutdown(plain)

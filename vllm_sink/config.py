@@ -18,14 +18,30 @@ logger = logging.getLogger("vllm_sink")
 
 CONFIG_KEY = "attention_sink"
 
-# The sink config of the engine most recently configured in this process (the
-# API server or the LLM's process): the front-end checks that know no config.
-front_end_config: SinkConfig | None = None
 DEFAULT_SINK = 4
 
 
 class SinkConfigError(ValueError):
     """A sink-mode setting is invalid; the message names the flag and the fix."""
+
+
+class SinkModelLen(int):
+    """``max_model_len`` of a sink-mode engine: a cap per engine request, not on
+    the stream.
+
+    vLLM's front-end length checks (``TokenizeParams``, ``get_max_tokens``) see
+    only this number, copied from the engine's ``ModelConfig``. Its type tells
+    them the engine streams past it, so each engine in a process keeps its own
+    rules (a plain engine next to a sink engine keeps vLLM's checks).
+    """
+
+    def __repr__(self) -> str:
+        return int.__repr__(self)
+
+
+def streams_past(max_model_len: object) -> bool:
+    """Whether a length limit is a sink-mode engine's (see SinkModelLen)."""
+    return isinstance(max_model_len, SinkModelLen)
 
 
 def _as_count(name: str, value: Any, minimum: int) -> int:
@@ -228,6 +244,11 @@ def apply_to_vllm_config(cfg: SinkConfig, vllm_config: VllmConfig) -> None:
     ):
         if getattr(passes, name, None):
             setattr(passes, name, False)
+    model_config = vllm_config.model_config
+    # Not through pydantic's assignment validation, which would coerce to int.
+    object.__setattr__(
+        model_config, "max_model_len", SinkModelLen(model_config.max_model_len)
+    )
     logger.info(
         "vllm-sink: sink mode on: %d sink tokens + %d-token window "
         "(rotary positions stay below %d).",
@@ -264,12 +285,10 @@ def install() -> None:
         diff="0002-engine-config-sink-mode.diff",
     )
     def create_engine_config(original, self, *args, **kwargs):
-        global front_end_config
         extra = (
             self.additional_config if isinstance(self.additional_config, dict) else {}
         )
         if extra.get(CONFIG_KEY) is None:
-            front_end_config = None
             return original(self, *args, **kwargs)
         cfg = SinkConfig.from_value(extra[CONFIG_KEY])
         self.additional_config = {**extra, CONFIG_KEY: cfg.to_dict()}
@@ -296,5 +315,4 @@ def install() -> None:
         from vllm_sink import metrics
 
         metrics.start_front_end(cfg)
-        front_end_config = cfg
         return vllm_config

@@ -480,7 +480,7 @@ def install() -> None:
     from vllm.entrypoints.openai.completion import serving as completion_serving
     from vllm.renderers.params import TokenizeParams
 
-    from vllm_sink import config as sink_config
+    from vllm_sink.config import streams_past
 
     @wrap_method(
         TokenizeParams,
@@ -490,7 +490,7 @@ def install() -> None:
         kind="property",
     )
     def max_input_tokens(original, self):
-        if sink_config.front_end_config is not None:
+        if streams_past(self.max_total_tokens):
             return None  # a prompt of any length streams through
         return original(self)
 
@@ -502,12 +502,7 @@ def install() -> None:
     )
     def tokenize_params_post_init(original, self):
         total, asked = self.max_total_tokens, self.max_output_tokens
-        if (
-            sink_config.front_end_config is not None
-            and total
-            and asked
-            and asked > total
-        ):
+        if streams_past(total) and asked and asked > total:
             # The stream rolls over; per engine request the cap still holds.
             object.__setattr__(self, "max_output_tokens", total)
         return original(self)
@@ -524,7 +519,7 @@ def install() -> None:
         fits = input_length < max_model_len and (
             max_tokens is None or input_length + max_tokens <= max_model_len
         )
-        if sink_config.front_end_config is None or fits:
+        if not streams_past(max_model_len) or fits:
             return original(
                 max_model_len,
                 max_tokens,
