@@ -15,8 +15,10 @@ measured side by side in one run:
   re-streams its whole history);
 - dense vLLM with prefix caching, while the history fits its context.
 
-Offline engines (``LLM``); the time of a turn is the wall time of its
-``generate`` call (prefill of the new tokens, decode of the answer).
+Offline engines (``LLM``, driven step by step through its ``LLMEngine``): the
+time of a turn is from ``add_request`` to the last token (prefill of the new
+tokens, decode of the answer), its time to first token up to the first output
+carrying a token.
 """
 
 from __future__ import annotations
@@ -69,7 +71,7 @@ def make_engine(args: argparse.Namespace, model: str, method: str):
     options = dict(
         dtype="float32",
         enforce_eager=True,
-        block_size=16,
+        block_size=32,  # vLLM's CPU attention (dense) wants multiples of 32
         max_num_seqs=4,
         seed=0,
         enable_prefix_caching=method != "no-reuse",
@@ -83,21 +85,36 @@ def make_engine(args: argparse.Namespace, model: str, method: str):
     return LLM(model, **options)
 
 
-def turn(llm, history: list[int], out: int) -> tuple[float, list[int]]:
+def turn(llm, history: list[int], out: int) -> tuple[float, float, list[int]]:
+    """One turn: (seconds to the last token, to the first token, the answer)."""
     from vllm import SamplingParams
+    from vllm.sampling_params import RequestOutputKind
 
     params = SamplingParams(
-        max_tokens=out, temperature=0, ignore_eos=True, allowed_token_ids=ASCII
+        max_tokens=out,
+        temperature=0,
+        ignore_eos=True,
+        allowed_token_ids=ASCII,
+        output_kind=RequestOutputKind.CUMULATIVE,
     )
+    engine = llm.llm_engine
     start = time.perf_counter()
-    (result,) = llm.generate(
-        [{"prompt_token_ids": list(history)}], params, use_tqdm=False
-    )
-    return time.perf_counter() - start, list(result.outputs[0].token_ids)
+    engine.add_request("turn", {"prompt_token_ids": list(history)}, params)
+    first = None
+    while True:
+        for result in engine.step():
+            tokens = list(result.outputs[0].token_ids)
+            if first is None and tokens:
+                first = time.perf_counter() - start
+            if result.finished:
+                return time.perf_counter() - start, first, tokens
 
 
-def conversation(llm, args, history_len: int, fits: int | None) -> list[float]:
-    """Warm up at ``history_len`` tokens, then time ``--turns`` turns."""
+def conversation(
+    llm, args, history_len: int, fits: int | None
+) -> list[tuple[float, float]]:
+    """Warm up at ``history_len`` tokens, then time ``--turns`` turns:
+    (turn seconds, first-token seconds) each."""
     rng = random.Random(history_len)
     history = [rng.randrange(3, 250) for _ in range(history_len)]
     times = []
@@ -105,10 +122,10 @@ def conversation(llm, args, history_len: int, fits: int | None) -> list[float]:
         history += [rng.randrange(3, 250) for _ in range(args.new)]
         if fits is not None and len(history) + args.out > fits:
             return []
-        seconds, answer = turn(llm, history, args.out)
+        seconds, first, answer = turn(llm, history, args.out)
         history += answer
         if index:  # the first turn is the warm-up
-            times.append(seconds)
+            times.append((seconds, first))
     return times
 
 
@@ -127,11 +144,17 @@ def main(argv: list[str] | None = None) -> int:
             row = {
                 "method": method,
                 "history": history_len,
-                "turn_s": statistics.median(times) if times else None,
+                "turn_s": statistics.median(t for t, _ in times) if times else None,
+                "ttft_s": statistics.median(f for _, f in times) if times else None,
                 "times": times,
             }
             rows.append(row)
-            shown = "-" if not times else f"{row['turn_s'] * 1000:.1f} ms"
+            shown = "-"
+            if times:
+                shown = (
+                    f"{row['turn_s'] * 1000:.1f} ms/turn, "
+                    f"first token {row['ttft_s'] * 1000:.1f} ms"
+                )
             print(
                 f"[multiturn] {method:9s} history {history_len:7d}: {shown}", flush=True
             )
@@ -150,22 +173,27 @@ def main(argv: list[str] | None = None) -> int:
 
 def print_table(rows: list[dict], histories: list[int]) -> None:
     methods = list(dict.fromkeys(r["method"] for r in rows))
-    print("\n| history | " + " | ".join(f"{m} (ms/turn)" for m in methods) + " |")
-    print("|---:|" + "---:|" * len(methods))
+    heads = [f"{m} {what}" for m in methods for what in ("ms/turn", "TTFT ms")]
+    print("\n| history | " + " | ".join(heads) + " |")
+    print("|---:|" + "---:|" * len(heads))
     for history_len in histories:
         cells = []
         for method in methods:
             row = next(
                 r for r in rows if r["method"] == method and r["history"] == history_len
             )
-            cells.append(
-                "-" if row["turn_s"] is None else f"{row['turn_s'] * 1000:.1f}"
-            )
+            for key in ("turn_s", "ttft_s"):
+                cells.append("-" if row[key] is None else f"{row[key] * 1000:.1f}")
         print(f"| {history_len} | " + " | ".join(cells) + " |")
     reuse = {r["history"]: r["turn_s"] for r in rows if r["method"] == "reuse"}
     if reuse.get(histories[0]) and reuse.get(histories[-1]):
         ratio = reuse[histories[-1]] / reuse[histories[0]]
         print(f"\nreuse: turn at {histories[-1]} / at {histories[0]} = {ratio:.2f}x")
+    dense = {r["history"]: r["turn_s"] for r in rows if r["method"] == "dense"}
+    for history_len in histories:
+        if reuse.get(history_len) and dense.get(history_len):
+            ratio = reuse[history_len] / dense[history_len]
+            print(f"reuse / dense at {history_len}: {ratio:.2f}x")
 
 
 def plot(rows: list[dict], path: Path) -> None:
@@ -174,16 +202,21 @@ def plot(rows: list[dict], path: Path) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, ax = plt.subplots(figsize=(6, 4))
-    for method in dict.fromkeys(r["method"] for r in rows):
-        points = [(r["history"], r["turn_s"]) for r in rows if r["method"] == method]
-        points = [(h, t * 1000) for h, t in points if t is not None]
-        ax.plot(*zip(*points), marker="o", label=method)
-    ax.set_xscale("log")
-    ax.set_xlabel("history (tokens)")
-    ax.set_ylabel("time per turn (ms)")
-    ax.legend()
-    ax.grid(alpha=0.3)
+    fig, axes = plt.subplots(1, 2, figsize=(10, 4))
+    for ax, key, label in zip(
+        axes, ("turn_s", "ttft_s"), ("time per turn (ms)", "time to first token (ms)")
+    ):
+        for method in dict.fromkeys(r["method"] for r in rows):
+            points = [(r["history"], r[key]) for r in rows if r["method"] == method]
+            points = [(h, t * 1000) for h, t in points if t is not None]
+            if points:
+                ax.plot(*zip(*points), marker="o", label=method)
+        ax.set_xscale("log")
+        ax.set_yscale("log")
+        ax.set_xlabel("history (tokens)")
+        ax.set_ylabel(label)
+        ax.legend()
+        ax.grid(alpha=0.3)
     fig.tight_layout()
     fig.savefig(path, dpi=100)
 

@@ -165,3 +165,156 @@ def test_spec_conversion_and_narrow_sliding_window():
     )
     with pytest.raises(SinkConfigError, match="--window"):
         sink_spec_from(narrow, SinkConfig(sink=4, window=60))
+
+
+def make_cached_manager(sink: int, window: int, num_blocks: int):
+    """vLLM's KVCacheManager, prefix caching on, over one SinkWindowSpec group."""
+    from vllm.utils.hashing import get_hash_fn_by_name
+    from vllm.v1.core.kv_cache_manager import KVCacheManager
+    from vllm.v1.core.kv_cache_utils import get_request_block_hasher, init_none_hash
+    from vllm.v1.kv_cache_interface import KVCacheConfig, KVCacheGroupSpec
+
+    spec = SinkWindowSpec(
+        block_size=BS,
+        num_kv_heads=1,
+        head_size=8,
+        dtype=torch.float32,
+        sliding_window=window,
+        sink=sink,
+    )
+    config = KVCacheConfig(
+        num_blocks=num_blocks,
+        kv_cache_tensors=[],
+        kv_cache_groups=[KVCacheGroupSpec(["layer"], spec)],
+    )
+    manager = KVCacheManager(
+        config,
+        max_model_len=10**6,
+        scheduler_block_size=BS,
+        hash_block_size=BS,
+        max_in_flight_tokens=12,
+        enable_caching=True,
+    )
+    hash_fn = get_hash_fn_by_name("sha256")
+    init_none_hash(hash_fn)
+    return manager, get_request_block_hasher(BS, hash_fn)
+
+
+@dataclass
+class Turn:
+    """One request of a conversation, as the scheduler would run it."""
+
+    request: object
+    prompt_len: int
+    out_len: int
+    written: set = field(default_factory=set)  # block ids it computed itself
+
+
+conversation_schedule = st.lists(
+    st.tuples(
+        st.integers(0, 2),  # conversation
+        st.sampled_from(["step", "step", "step", "turn", "turn", "preempt"]),
+        st.integers(1, 12),  # chunk, or new tokens of a turn
+    ),
+    min_size=80,
+    max_size=300,
+)
+
+
+@settings(max_examples=80, deadline=None)
+@given(sink=st.integers(0, 9), window=st.integers(1, 17), ops=conversation_schedule)
+def test_cached_conversations_reuse_only_their_own_blocks(sink, window, ops):
+    """Conversations re-send their history; hits, evictions, preemptions.
+
+    A block reached through a cache hit must hold what the request's own
+    tokens would have written there (the content of each block id is tracked
+    as it is written); every key a step reads is in a block the request holds;
+    nothing leaks.
+    """
+    from vllm import SamplingParams
+    from vllm.v1.request import Request
+
+    manager, hasher = make_cached_manager(sink, window, 40)
+    pool = manager.block_pool
+    initial_free = pool.get_num_free_blocks()
+    content: dict[int, tuple] = {}  # block id -> the tokens its K/V was made of
+    histories = {c: [] for c in range(3)}
+    running: dict[int, Turn] = {}
+    serial = 0
+
+    def group_blocks(rid):
+        return manager.coordinator.single_type_managers[0].req_to_blocks[rid]
+
+    def schedule(turn: Turn, chunk: int) -> bool:
+        req = turn.request
+        first = req.num_computed_tokens == 0 and not group_blocks(req.request_id)
+        hit_blocks, hit = None, 0
+        if first:
+            hit_blocks, hit, _ = manager.get_computed_blocks(req)
+            for i, block in enumerate(hit_blocks.blocks[0]):
+                if not block.is_null:  # a hit holds this request's own K/V
+                    assert content[block.block_id] == tuple(
+                        req.all_token_ids[: (i + 1) * BS]
+                    )
+        n = req.num_computed_tokens + hit
+        chunk = min(chunk, req.num_tokens - n)
+        got = manager.allocate_slots(
+            req, chunk, num_new_computed_tokens=hit, new_computed_blocks=hit_blocks
+        )
+        if got is None:
+            return False
+        blocks = group_blocks(req.request_id)
+        for pos in read_positions(n, chunk, sink, window):
+            block = blocks[pos // BS]
+            assert not block.is_null and block.ref_cnt >= 1, (pos, n, chunk)
+        for pos in range(n, n + chunk):  # written now, by this request
+            block = blocks[pos // BS]
+            content[block.block_id] = tuple(req.all_token_ids[: (pos // BS + 1) * BS])
+        req.num_computed_tokens = n + chunk
+        return True
+
+    def step(conv: int, turn: Turn, chunk: int) -> None:
+        req = turn.request
+        if not schedule(turn, 1 if req.num_computed_tokens else chunk):
+            return
+        if req.num_computed_tokens < req.num_tokens:
+            return  # a prefill chunk; no token sampled yet
+        if req.num_output_tokens == turn.out_len:
+            manager.free(req)
+            histories[conv] = list(req.all_token_ids)
+            del running[conv]
+        else:
+            req.append_output_token_ids((conv * 31 + req.num_tokens * 7) % 997)
+
+    for conv, op, size in ops:
+        turn = running.get(conv)
+        if op == "turn" and turn is None:
+            history = histories[conv]
+            history += [(conv * 1000 + len(history) + j) % 997 for j in range(size)]
+            serial += 1
+            req = Request(
+                f"c{conv}-{serial}",
+                list(history),
+                SamplingParams(max_tokens=3),
+                None,
+                block_hasher=hasher,
+            )
+            running[conv] = Turn(req, len(history), 3)
+        elif op == "preempt" and turn is not None:
+            manager.free(turn.request)
+            turn.request.num_computed_tokens = 0
+        elif op == "step":  # one scheduler step: every running turn, in order
+            for c, t in list(running.items()):
+                step(c, t, size)
+        held = [
+            b.block_id
+            for t in running.values()
+            for b in group_blocks(t.request.request_id)
+            if not b.is_null
+        ]
+        in_use = initial_free - pool.get_num_free_blocks()
+        assert in_use <= len(held)  # shared hit blocks count once in the pool
+        assert len(set(held)) == in_use
+    for turn in running.values():
+        manager.free(turn.request)
+    assert pool.get_num_free_blocks() == initial_free

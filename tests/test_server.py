@@ -57,6 +57,8 @@ def server(tiny_llama, tmp_path_factory):
         "256",
         "--served-model-name",
         "tiny",
+        "--gpu-memory-utilization",  # the share of RAM vLLM on CPU wants free
+        "0.5",
         "--attention-sink",
         str(SINK),
         "--window",
@@ -127,10 +129,11 @@ def test_streamed_completion_ten_times_max_model_len(server):
 
 
 def test_chat_history_beyond_max_model_len(server):
+    """Each turn past --max-model-len continues the cached stream (prefix hits)."""
     c = client(server)
     messages = [{"role": "system", "content": "You are a tiny random model."}]
-    prompt_tokens = []
-    for turn in range(8):
+    prompt_tokens, counters = [], []
+    for turn in range(10):
         messages.append({"role": "user", "content": f"Turn {turn}: tell me more."})
         reply = c.chat.completions.create(
             model="tiny",
@@ -143,9 +146,19 @@ def test_chat_history_beyond_max_model_len(server):
         assert choice.finish_reason == "length"
         assert len(choice.message.content) == 40
         prompt_tokens.append(reply.usage.prompt_tokens)
+        counters.append(
+            (
+                metric(server, "vllm:prefix_cache_hits_total"),
+                metric(server, "vllm:sink_stream_continuations_total"),
+                metric(server, "vllm:sink_stream_restreams_total"),
+            )
+        )
         messages.append({"role": "assistant", "content": choice.message.content})
-    assert prompt_tokens[-1] > 2 * MAX_MODEL_LEN
+    assert prompt_tokens[-4] > 2 * MAX_MODEL_LEN
     assert prompt_tokens == sorted(prompt_tokens)
+    for (hits0, cont0, re0), (hits1, cont1, re1) in zip(counters[-4:], counters[-3:]):
+        assert hits1 > hits0  # the history's blocks came from the cache
+        assert (cont1 - cont0, re1 - re0) == (1, 0)  # continued, not re-streamed
 
 
 def test_concurrent_streams_and_a_disconnect(server):

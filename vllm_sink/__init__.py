@@ -50,7 +50,16 @@ def register() -> None:
 
     check_vllm_version(vllm.__version__)
 
-    from vllm_sink import attention, cli, config, kv_cache, rope, seams, streams
+    from vllm_sink import (
+        attention,
+        cli,
+        config,
+        kv_cache,
+        rope,
+        seams,
+        stream_engines,
+        stream_limits,
+    )
 
     cli.install()
     config.install()
@@ -58,7 +67,8 @@ def register() -> None:
     rope.install()
     attention.install()
     seams.install()
-    streams.install()
+    stream_limits.install()
+    stream_engines.install()
     _registered = True
     _trace_registration()
 

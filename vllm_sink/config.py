@@ -223,12 +223,32 @@ def check_model(cfg: SinkConfig, vllm_config: VllmConfig) -> None:
             f"--sink-token-id {cfg.sink_token_id} is outside {name}'s vocabulary "
             f"(size {vocab}). Fix: pass the id of the model's sink/placeholder token."
         )
+    _check_room_for_seeds(cfg, vllm_config)
     sliding = model_config.get_sliding_window()
     if sliding is not None and sliding < cfg.span:
         raise SinkConfigError(
             f"{name} has built-in sliding-window layers of {sliding} tokens, "
             f"narrower than --attention-sink + --window = {cfg.span}. Fix: choose "
             f"--window {max(1, sliding - cfg.sink)} or smaller."
+        )
+
+
+def _check_room_for_seeds(cfg: SinkConfig, vllm_config: VllmConfig) -> None:
+    """Warn when requests past max_model_len will be refused (see streams)."""
+    from vllm_sink.seams import largest_seed
+
+    block_size = vllm_config.cache_config.block_size or 16
+    seed = largest_seed(cfg.sink, cfg.window, block_size)
+    max_len = vllm_config.model_config.max_model_len
+    if max_len < seed + 2:
+        logger.warning(
+            "vllm-sink: --max-model-len %d is too short to continue a stream past "
+            "it (a continuation starts with up to %d cached tokens); such requests "
+            "will be refused. Fix: --max-model-len %d or more, or a smaller "
+            "--window.",
+            max_len,
+            seed,
+            2 * (seed + 2),
         )
 
 

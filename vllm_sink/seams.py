@@ -71,6 +71,12 @@ def seed_blocks(
     return min(k0, max(hb, p)), hb
 
 
+def largest_seed(sink: int, window: int, block_size: int) -> int:
+    """Most tokens a seed can hold: the pinned blocks plus ``L - k0*bs``, where
+    ``k0*bs >= hb*bs - window - bs + 2`` and ``L <= hb*bs + bs``."""
+    return pinned_blocks(sink, block_size) * block_size + window + 2 * block_size - 2
+
+
 def stream_key(request_id: str) -> str:
     """The user request id of a segment's engine id."""
     return _SEGMENT_SUFFIX.sub("", request_id)

@@ -16,6 +16,11 @@ The caller sees one stream: one request id, the original prompt, continuous
 token ids / text / logprobs, usage over the whole stream, ``finish_reason``
 only at the real end. Segment ``k`` samples with ``seed + k`` (reproducible).
 A stop string spanning a seam is not detected.
+
+This module is the stream's state machine (plain Python over vLLM's request
+and output types, unit-tested without an engine); ``stream_engines`` hooks it
+into ``LLMEngine`` and ``AsyncLLM``, ``stream_limits`` lifts the front-end's
+length checks for sink engines.
 """
 
 from __future__ import annotations
@@ -158,7 +163,7 @@ class Stream:
             raise SinkConfigError(
                 f"--max-model-len {self.max_model_len} leaves no room past the "
                 f"{len(seed)}-token seed of a rollover. Fix: --max-model-len "
-                f"{2 * (self.cfg.span + 2 * self.block_size)} or more."
+                f"{2 * (len(seed) + 2)} or more."
             )
         offset = len(self.prompt_ids) - len(self.pending) + len(self.tokens)
         chunk, self.pending = self.pending[:room], self.pending[room:]
@@ -331,8 +336,18 @@ def plan_stream(
     if params.max_tokens is None:
         params = copy.copy(params)
         params.max_tokens = default_max_tokens(max_model_len, len(ids) - hidden)
-    if not hidden and len(ids) + params.max_tokens <= max_model_len:
+    fits = len(ids) + params.max_tokens <= max_model_len
+    if fits and not hidden:
         return None
+    seed = seams.largest_seed(cfg.sink, cfg.window, block_size)
+    if not fits and max_model_len < seed + 2:
+        raise SinkConfigError(
+            f"This request needs more than --max-model-len {max_model_len} tokens, "
+            f"which sink mode serves by continuing the stream in a new engine "
+            f"request that starts with up to {seed} cached tokens: no room is "
+            f"left. Fix: --max-model-len {2 * (seed + 2)} or more, a smaller "
+            "--window, or a shorter request."
+        )
     if params.n != 1:
         raise SinkConfigError(
             "Streams past --max-model-len and --sink-token-id support n=1 only. "
@@ -348,13 +363,6 @@ def wants_lookup(stream: Stream) -> bool:
     return stream.can_continue_cached() and len(stream.prompt_ids) >= (
         stream.max_model_len - 1
     )
-
-
-def continue_cached(stream: Stream, found: tuple[int, int]) -> None:
-    from vllm_sink import metrics
-
-    stream.continue_from(*found)
-    metrics.count_continuation(stream.continued)
 
 
 def default_max_tokens(max_model_len: int, prompt_len: int) -> int:
@@ -418,240 +426,3 @@ class StreamTable:
                     self.by_user.pop(rid, None)
                     self.by_engine.pop(stream.current.engine_id, None)
             return ids
-
-
-def _table(engine: Any) -> StreamTable:
-    table = engine.__dict__.get("_sink_streams")
-    if table is None:
-        table = engine.__dict__["_sink_streams"] = StreamTable()
-    return table
-
-
-def _engine_stream(
-    engine: Any, request_id: str, prompt: Any, params: Any
-) -> Stream | None:
-    from vllm_sink.config import get_sink_config
-
-    vllm_config = getattr(engine, "vllm_config", None)
-    cfg = get_sink_config(vllm_config)
-    if cfg is None:
-        return None
-    cache_config = vllm_config.cache_config
-    stream = plan_stream(
-        request_id,
-        prompt,
-        params,
-        cfg,
-        vllm_config.model_config.max_model_len,
-        _tokenizer(engine),
-        cache_config.block_size,
-    )
-    if stream is not None:
-        stream.reuse = bool(cache_config.enable_prefix_caching)
-    return stream
-
-
-def _lookup(engine: Any, stream: Stream) -> tuple[int, int]:
-    """Ask the engine core for a held seed (offline engine: in-process or not)."""
-    client, args = engine.engine_core, (stream.request_id, stream.prompt_ids)
-    if hasattr(client, "call_utility"):
-        return tuple(client.call_utility("sink_lookup", *args))
-    return client.engine_core.sink_lookup(*args)
-
-
-def _tokenizer(engine: Any) -> Any:
-    try:
-        return engine.get_tokenizer()
-    except Exception:
-        return None
-
-
-def install() -> None:
-    """Rollover in the offline engine (LLM) and the async engine (server)."""
-    from vllm.v1.engine.async_llm import AsyncLLM
-    from vllm.v1.engine.llm_engine import LLMEngine
-
-    from vllm_sink import metrics
-    from vllm_sink.patching import wrap_method
-
-    diff = "0006-streams-past-max-model-len.diff"
-
-    from vllm.entrypoints.openai.chat_completion import serving as chat_serving
-    from vllm.entrypoints.openai.completion import serving as completion_serving
-    from vllm.renderers.params import TokenizeParams
-
-    from vllm_sink.config import streams_past
-
-    @wrap_method(
-        TokenizeParams,
-        "max_input_tokens",
-        reason="no prompt-length limit (nor truncation) in sink mode",
-        diff=diff,
-        kind="property",
-    )
-    def max_input_tokens(original, self):
-        if streams_past(self.max_total_tokens):
-            return None  # a prompt of any length streams through
-        return original(self)
-
-    @wrap_method(
-        TokenizeParams,
-        "__post_init__",
-        reason="accept max_tokens beyond max_model_len in sink mode",
-        diff=diff,
-    )
-    def tokenize_params_post_init(original, self):
-        total, asked = self.max_total_tokens, self.max_output_tokens
-        if streams_past(total) and asked and asked > total:
-            # The stream rolls over; per engine request the cap still holds.
-            object.__setattr__(self, "max_output_tokens", total)
-        return original(self)
-
-    def get_max_tokens(
-        original,
-        max_model_len,
-        max_tokens,
-        input_length,
-        defaults,
-        override_max_tokens=None,
-        truncate_prompt_tokens=None,
-    ):
-        fits = input_length < max_model_len and (
-            max_tokens is None or input_length + max_tokens <= max_model_len
-        )
-        if not streams_past(max_model_len) or fits:
-            return original(
-                max_model_len,
-                max_tokens,
-                input_length,
-                defaults,
-                override_max_tokens,
-                truncate_prompt_tokens,
-            )
-        asked = max_tokens if max_tokens is not None else defaults.get("max_tokens")
-        limits = [v for v in (asked, override_max_tokens) if v is not None]
-        return (
-            min(limits) if limits else default_max_tokens(max_model_len, input_length)
-        )
-
-    for module in (completion_serving, chat_serving):
-        wrap_method(
-            module,
-            "get_max_tokens",
-            reason="max_tokens beyond max_model_len in sink mode",
-            diff=diff,
-            kind="function",
-        )(get_max_tokens)
-
-    @wrap_method(
-        LLMEngine, "add_request", reason="streams past max_model_len", diff=diff
-    )
-    def add_request(original, self, request_id, prompt, params, *args, **kwargs):
-        stream = _engine_stream(self, request_id, prompt, params)
-        if stream is None:
-            return original(self, request_id, prompt, params, *args, **kwargs)
-        if wants_lookup(stream):
-            continue_cached(stream, _lookup(self, stream))
-        kwargs.pop("prompt_text", None)  # the text of the first segment's prompt only
-        stream.engine_options = (args, kwargs)  # lora, priority, ... each segment
-        segment = _table(self).start(stream)
-        original(
-            self,
-            segment.engine_id,
-            stream.engine_input(segment),
-            segment.params,
-            *args,
-            **kwargs,
-        )
-        return request_id
-
-    @wrap_method(LLMEngine, "step", reason="streams past max_model_len", diff=diff)
-    def step(original, self):
-        outputs = original(self)
-        table = self.__dict__.get("_sink_streams")
-        if table is None or not table.by_engine:
-            return outputs
-        result = []
-        for out in outputs:
-            stream = table.by_engine.get(out.request_id)
-            if stream is None:
-                result.append(out)
-                continue
-            user, roll = stream.accept(out)
-            if roll:
-                metrics.count_rollover()
-                segment = table.advance(stream)
-                original_add(self, segment, stream)
-            elif stream.done:
-                table.finish(stream)
-            if user is not None:
-                result.append(user)
-        return result
-
-    original_add_request = LLMEngine.add_request.__wrapped__
-
-    def original_add(engine, segment: Segment, stream: Stream) -> None:
-        args, kwargs = stream.engine_options
-        original_add_request(
-            engine,
-            segment.engine_id,
-            stream.engine_input(segment),
-            segment.params,
-            *args,
-            **kwargs,
-        )
-
-    @wrap_method(
-        LLMEngine, "abort_request", reason="streams past max_model_len", diff=diff
-    )
-    def abort_request(original, self, request_ids, *args, **kwargs):
-        table = self.__dict__.get("_sink_streams")
-        if table is not None:
-            ids = [request_ids] if isinstance(request_ids, str) else list(request_ids)
-            request_ids = table.engine_ids(ids, forget=True)
-        return original(self, request_ids, *args, **kwargs)
-
-    @wrap_method(AsyncLLM, "generate", reason="streams past max_model_len", diff=diff)
-    def generate(original, self, prompt, sampling_params, request_id, *args, **kwargs):
-        stream = _engine_stream(self, request_id, prompt, sampling_params)
-        if stream is None:
-            return original(self, prompt, sampling_params, request_id, *args, **kwargs)
-        kwargs.pop("prompt_text", None)
-        return _generate_stream(original, self, stream, args, kwargs)
-
-    async def _generate_stream(original, engine, stream: Stream, args, kwargs):
-        if wants_lookup(stream):
-            found = await engine.engine_core.call_utility_async(
-                "sink_lookup", stream.request_id, stream.prompt_ids
-            )
-            continue_cached(stream, tuple(found))
-        table = _table(engine)
-        segment = table.start(stream)
-        try:
-            while True:
-                roll = False
-                async for out in original(
-                    engine,
-                    stream.engine_input(segment),
-                    segment.params,
-                    segment.engine_id,
-                    *args,
-                    **kwargs,
-                ):
-                    user, roll = stream.accept(out)
-                    if user is not None:
-                        yield user
-                if not roll:
-                    return
-                metrics.count_rollover()
-                segment = table.advance(stream)
-        finally:
-            table.finish(stream)
-
-    @wrap_method(AsyncLLM, "abort", reason="streams past max_model_len", diff=diff)
-    async def abort(original, self, request_id, *args, **kwargs):
-        table = self.__dict__.get("_sink_streams")
-        if table is not None:
-            ids = [request_id] if isinstance(request_id, str) else list(request_id)
-            request_id = table.engine_ids(ids)
-        return await original(self, request_id, *args, **kwargs)
