@@ -13,7 +13,9 @@ measured side by side in one run:
   ``sink_lookup`` continuations past it);
 - sink mode without reuse (``enable_prefix_caching=False``: every turn
   re-streams its whole history);
-- dense vLLM with prefix caching, while the history fits its context.
+- dense vLLM with prefix caching, while the history fits its context;
+- ``serve``: sink mode with reuse behind ``vllm serve``, each turn a streamed
+  completion through the official ``openai`` client (prompt as token ids).
 
 Offline engines (``LLM``, driven step by step through its ``LLMEngine``): the
 time of a turn is from ``add_request`` to the last token (prefill of the new
@@ -47,7 +49,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--new", type=int, default=64)
     parser.add_argument("--out", type=int, default=32)
     parser.add_argument("--turns", type=int, default=3)
-    parser.add_argument("--methods", default="reuse,no-reuse,dense")
+    parser.add_argument("--methods", default="reuse,no-reuse,dense,serve")
     parser.add_argument("--json", type=Path, default=None)
     parser.add_argument("--png", type=Path, default=None)
     return parser.parse_args(argv)
@@ -111,7 +113,7 @@ def turn(llm, history: list[int], out: int) -> tuple[float, float, list[int]]:
 
 
 def conversation(
-    llm, args, history_len: int, fits: int | None
+    run_turn, args, history_len: int, fits: int | None
 ) -> list[tuple[float, float]]:
     """Warm up at ``history_len`` tokens, then time ``--turns`` turns:
     (turn seconds, first-token seconds) each."""
@@ -122,11 +124,95 @@ def conversation(
         history += [rng.randrange(3, 250) for _ in range(args.new)]
         if fits is not None and len(history) + args.out > fits:
             return []
-        seconds, first, answer = turn(llm, history, args.out)
+        seconds, first, answer = run_turn(history, args.out)
         history += answer
         if index:  # the first turn is the warm-up
             times.append((seconds, first))
     return times
+
+
+class Server:
+    """``vllm serve`` in sink mode on 127.0.0.1, driven by the openai client."""
+
+    def __init__(self, args: argparse.Namespace, model: str) -> None:
+        import subprocess
+
+        self.port = 18400 + os.getpid() % 500
+        cmd = [
+            str(Path(sys.executable).with_name("vllm")),
+            "serve",
+            model,
+            *("--host", "127.0.0.1", "--port", str(self.port)),
+            *("--dtype", "float32", "--enforce-eager", "--block-size", "32"),
+            *("--max-model-len", str(args.max_model_len), "--max-num-seqs", "4"),
+            *("--served-model-name", "m", "--gpu-memory-utilization", "0.5"),
+            *("--attention-sink", str(args.sink), "--window", str(args.window)),
+        ]
+        self.log = open(Path(os.environ.get("TMPDIR", "/tmp")) / "multiturn.log", "w")
+        env = {**os.environ, "VLLM_ENABLE_V1_MULTIPROCESSING": "1"}
+        self.proc = subprocess.Popen(
+            cmd, stdout=self.log, stderr=subprocess.STDOUT, env=env
+        )
+        self._wait_ready()
+        import openai
+
+        self.client = openai.OpenAI(
+            base_url=f"http://127.0.0.1:{self.port}/v1", api_key="none", timeout=3600
+        )
+
+    def _wait_ready(self) -> None:
+        import urllib.request
+
+        deadline = time.time() + 600
+        while time.time() < deadline:
+            if self.proc.poll() is not None:
+                raise RuntimeError(f"vllm serve exited; see {self.log.name}")
+            try:
+                urllib.request.urlopen(f"http://127.0.0.1:{self.port}/health").close()
+                return
+            except OSError:
+                time.sleep(1)
+        raise RuntimeError(f"vllm serve not ready; see {self.log.name}")
+
+    def turn(self, history: list[int], out: int) -> tuple[float, float, list[int]]:
+        start = time.perf_counter()
+        first, tokens = None, []
+        stream = self.client.completions.create(
+            model="m",
+            prompt=list(history),
+            max_tokens=out,
+            temperature=0,
+            stream=True,
+            extra_body={
+                "ignore_eos": True,
+                "allowed_token_ids": ASCII,
+                "return_token_ids": True,
+            },
+        )
+        for event in stream:
+            ids = getattr(event.choices[0], "token_ids", None) or []
+            if first is None and (ids or event.choices[0].text):
+                first = time.perf_counter() - start
+            tokens += ids
+        return time.perf_counter() - start, first, tokens
+
+    def close(self) -> None:
+        self.proc.terminate()
+        self.proc.wait(60)
+        self.log.close()
+
+
+def open_method(args: argparse.Namespace, model: str, method: str):
+    """(run_turn, close) for one method."""
+    if method == "serve":
+        server = Server(args, model)
+        return server.turn, server.close
+    llm = make_engine(args, model, method)
+
+    def close() -> None:
+        llm.llm_engine.engine_core.shutdown()
+
+    return (lambda history, out: turn(llm, history, out)), close
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -137,10 +223,10 @@ def main(argv: list[str] | None = None) -> int:
     model = model_path(args.model, args.dense_context)
     rows = []
     for method in args.methods.split(","):
-        llm = make_engine(args, model, method)
+        run_turn, close = open_method(args, model, method)
         fits = args.dense_context if method == "dense" else None
         for history_len in histories:
-            times = conversation(llm, args, history_len, fits)
+            times = conversation(run_turn, args, history_len, fits)
             row = {
                 "method": method,
                 "history": history_len,
@@ -158,8 +244,7 @@ def main(argv: list[str] | None = None) -> int:
             print(
                 f"[multiturn] {method:9s} history {history_len:7d}: {shown}", flush=True
             )
-        llm.llm_engine.engine_core.shutdown()
-        del llm
+        close()
     print_table(rows, histories)
     if args.json:
         meta = {

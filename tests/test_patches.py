@@ -111,6 +111,7 @@ def test_diffs_exist():
         "0005-cpu-platform-custom-backend.diff",
         "0006-streams-past-max-model-len.diff",
         "0007-stream-seams.diff",
+        "0009-stop-strings-across-seams.diff",
     ]
 
 
@@ -544,3 +545,13 @@ def test_front_end_limits_follow_each_engines_max_model_len(patches):
         TokenizeParams(max_total_tokens=128, max_output_tokens=500)
     with pytest.raises(ValueError):
         completion.get_max_tokens(128, 5, 300, {})
+
+
+def test_sink_model_len_reaches_other_processes_as_an_int():
+    import pickle
+
+    import msgspec
+
+    value = pickle.loads(pickle.dumps(SinkModelLen(4096)))
+    assert type(value) is int and value == 4096
+    assert msgspec.msgpack.decode(msgspec.msgpack.encode(value)) == 4096

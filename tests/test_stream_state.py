@@ -242,3 +242,60 @@ def test_no_room_for_a_seed_is_refused_before_anything_runs():
         plan_stream("u", prompt, params, wide, 256, block_size=16)
     fits = SamplingParams(max_tokens=100)
     assert plan_stream("u", prompt, fits, wide, 256, block_size=16) is None
+
+
+def letters(ids: list[int]) -> str:
+    return "".join(chr(65 + t % 26) for t in ids)
+
+
+@pytest.mark.parametrize(
+    "kind", [RequestOutputKind.CUMULATIVE, RequestOutputKind.DELTA]
+)
+def test_stop_string_spanning_a_seam_ends_the_stream(kind):
+    """The next segment gets the stream's last characters to check stop strings
+    over (vLLM's detokenizer starts from them); the user never sees what the
+    stop string cuts."""
+    prompt = list(range(3, 13))
+    stream = plan(prompt, max_tokens=400, stop=["@@#", "x"], output_kind=kind)
+    table = StreamTable()
+    first = table.start(stream)
+    n = first.params.max_tokens
+    ids = [token_at(len(prompt) + i) for i in range(n)]
+    text = letters(ids[:-2]) + "@@"  # the stop string's first two characters
+    done = CompletionOutput(0, text, ids, -1.0, None, finish_reason="length")
+    user, roll = stream.accept(
+        RequestOutput(first.engine_id, None, [], None, [done], True)
+    )
+    assert roll and not user.finished
+    shown = user.outputs[0].text
+    assert shown == text[:-2]  # held back: a stop string may still claim them
+
+    second = table.advance(stream)
+    assert marker_of(second).carry_text == "@@"
+    # vLLM's check over "@@" + "#": the stop starts in the carry, the text is
+    # cut there, the token that completed it is kept.
+    stop = CompletionOutput(0, "", [7], -0.5, None, finish_reason="stop")
+    stop.stop_reason = "@@#"
+    final, roll = stream.accept(
+        RequestOutput(second.engine_id, None, [], None, [stop], True)
+    )
+    assert not roll and stream.done and final.finished
+    completion = final.outputs[0]
+    assert (completion.finish_reason, completion.stop_reason) == ("stop", "@@#")
+    if kind == RequestOutputKind.DELTA:
+        assert completion.text == "" and list(completion.token_ids) == [7]
+    else:
+        assert completion.text == text[:-2]
+        assert list(completion.token_ids) == ids + [7]
+
+
+def test_without_stop_strings_nothing_is_held_back():
+    stream = plan(list(range(3, 13)), max_tokens=400)
+    first = StreamTable().start(stream)
+    ids = [5] * first.params.max_tokens
+    done = CompletionOutput(0, letters(ids), ids, None, None, finish_reason="length")
+    user, roll = stream.accept(
+        RequestOutput(first.engine_id, None, [], None, [done], True)
+    )
+    assert roll and user.outputs[0].text == letters(ids)
+    assert stream.next_segment().params.extra_args[MARKER_KEY]["carry_text"] == ""

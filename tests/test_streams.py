@@ -7,6 +7,7 @@ from conftest import make_llm, shutdown
 from reference import Job, references
 from vllm import SamplingParams
 from vllm.exceptions import VLLMValidationError
+from vllm.sampling_params import RequestOutputKind
 
 MAX_LEN = 128
 SINK, WINDOW = 4, 20
@@ -76,6 +77,52 @@ def test_abort_stops_a_rolled_over_stream(llm):
         engine.step()
     assert not engine.has_unfinished_requests()
     assert not engine.__dict__["_sink_streams"].by_user
+
+
+def run_engine(
+    llm, request_id: str, prompt: list[int], params
+) -> tuple[str, list, str]:
+    """Drive LLMEngine step by step: (all text, all token ids, last output)."""
+    engine = llm.llm_engine
+    engine.add_request(request_id, {"prompt_token_ids": prompt}, params)
+    text, tokens, last = "", [], None
+    while engine.has_unfinished_requests():
+        for out in engine.step():
+            completion = out.outputs[0]
+            if params.output_kind == RequestOutputKind.DELTA:
+                text += completion.text
+                tokens += completion.token_ids
+            else:
+                text, tokens = completion.text, list(completion.token_ids)
+            last = completion
+    return text, tokens, last
+
+
+@pytest.mark.parametrize("kind", ["final", "delta"])
+def test_stop_string_spanning_a_seam_is_detected(llm, kind):
+    prompt = list(range(40, 80))
+    free = SamplingParams(
+        max_tokens=300, temperature=0, ignore_eos=True, allowed_token_ids=ASCII
+    )
+    (plain,) = llm.generate([{"prompt_token_ids": prompt}], free, use_tqdm=False)
+    text, tokens = plain.outputs[0].text, list(plain.outputs[0].token_ids)
+    seam = MAX_LEN - len(prompt)  # the first segment's last token
+    stop = text[seam - 3 : seam + 1]
+    assert text.find(stop) == seam - 3  # its first occurrence spans the seam
+    params = SamplingParams(
+        max_tokens=300,
+        temperature=0,
+        ignore_eos=True,
+        allowed_token_ids=ASCII,
+        stop=[stop],
+        output_kind=RequestOutputKind.DELTA
+        if kind == "delta"
+        else RequestOutputKind.FINAL_ONLY,
+    )
+    got_text, got_tokens, last = run_engine(llm, f"stop-{kind}", prompt, params)
+    assert (last.finish_reason, last.stop_reason) == ("stop", stop)
+    assert got_text == text[: seam - 3]
+    assert got_tokens == tokens[: seam + 1]
 
 
 def test_plain_engine_beside_a_sink_engine_keeps_vllms_length_checks(llm, tiny_llama):

@@ -38,6 +38,11 @@ class SinkModelLen(int):
     def __repr__(self) -> str:
         return int.__repr__(self)
 
+    def __reduce__(self):
+        # Other processes (engine cores) get a plain int: only the front-end
+        # checks need the type, and vLLM's msgpack encoding refuses int subclasses.
+        return (int, (int(self),))
+
 
 def streams_past(max_model_len: object) -> bool:
     """Whether a length limit is a sink-mode engine's (see SinkModelLen)."""

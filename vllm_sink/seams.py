@@ -90,6 +90,7 @@ class SeamMarker:
     first_block: int  # k0: the stream block at engine block p
     cap_tokens: int | None  # largest prefix-cache hit allowed (its seed), or None
     hold: bool  # keep the blocks for the next segment when this one ends capped
+    carry_text: str = ""  # stream text before the seam, for stop strings (front-end)
 
     def to_extra_args(self, extra_args: dict[str, Any] | None) -> dict[str, Any]:
         return {**(extra_args or {}), MARKER_KEY: asdict(self)}

@@ -13,6 +13,7 @@ from __future__ import annotations
 from typing import Any
 
 from vllm_sink import metrics
+from vllm_sink.seams import SeamMarker
 from vllm_sink.streams import Segment, Stream, StreamTable, plan_stream, wants_lookup
 
 
@@ -75,6 +76,27 @@ def install() -> None:
     from vllm_sink.patching import wrap_method
 
     diff = "0006-streams-past-max-model-len.diff"
+
+    from vllm.v1.engine.detokenizer import (
+        BaseIncrementalDetokenizer,
+        IncrementalDetokenizer,
+    )
+
+    @wrap_method(
+        IncrementalDetokenizer,
+        "from_new_request",
+        reason="stop strings spanning a seam",
+        diff="0009-stop-strings-across-seams.diff",
+        kind="classmethod",
+    )
+    def from_new_request(original, tokenizer, request):
+        detokenizer = original(tokenizer, request)
+        marker = SeamMarker.of(request)
+        carry = marker.carry_text if marker is not None else ""
+        if carry and isinstance(detokenizer, BaseIncrementalDetokenizer):
+            detokenizer.output_text = carry  # never in a delta (offset past it)
+            detokenizer._last_output_text_offset = len(carry)
+        return detokenizer
 
     @wrap_method(
         LLMEngine, "add_request", reason="streams past max_model_len", diff=diff

@@ -43,7 +43,7 @@ def install() -> None:
         total, asked = self.max_total_tokens, self.max_output_tokens
         if streams_past(total) and asked and asked > total:
             # The stream rolls over; per engine request the cap still holds.
-            object.__setattr__(self, "max_output_tokens", total)
+            object.__setattr__(self, "max_output_tokens", int(total))
         return original(self)
 
     def get_max_tokens(

@@ -15,7 +15,8 @@ re-sending its history) starts from that stream's blocks (``sink_lookup``).
 The caller sees one stream: one request id, the original prompt, continuous
 token ids / text / logprobs, usage over the whole stream, ``finish_reason``
 only at the real end. Segment ``k`` samples with ``seed + k`` (reproducible).
-A stop string spanning a seam is not detected.
+A stop string spanning a seam is found: each segment's detokenizer starts from
+the stream's last characters (``carry``), held back from the caller meanwhile.
 
 This module is the stream's state machine (plain Python over vLLM's request
 and output types, unit-tested without an engine); ``stream_engines`` hooks it
@@ -81,9 +82,12 @@ class Stream:
     segments: int = 0
     current: Segment | None = None
     seg_tokens: list[int] = field(default_factory=list)
-    seg_text: str = ""
+    seg_text: str = ""  # the segment's text, starting with the carry it was given
     seg_logprobs: list = field(default_factory=list)
     seg_cumulative: float | None = None
+    carry: str = ""  # stream text handed to the segment for its stop check
+    sent_tokens: int = 0  # what DELTA outputs have shown so far
+    sent_text: int = 0
     done: bool = False
     continued: bool = False  # started from a cached stream (sink_lookup)
     reuse: bool = True  # the engine caches prefixes (so sink_lookup may hit)
@@ -179,8 +183,12 @@ class Stream:
         )
         if self.params.seed is not None:
             params.seed = self.params.seed + SEED_STRIDE * self.segments
-        if prefill_only:
+        if prefill_only or params.output_kind == RequestOutputKind.FINAL_ONLY:
             params.output_kind = RequestOutputKind.FINAL_ONLY
+        else:  # the stream makes the user's deltas itself (see _user_output)
+            params.output_kind = RequestOutputKind.CUMULATIVE
+        reach = 0 if prefill_only else self._stop_reach
+        self.carry = self.text[len(self.text) - reach :] if reach else ""
         cap = None
         if seed:
             cap = (self.pinned + hb - k0) * self.block_size
@@ -190,6 +198,7 @@ class Stream:
             first_block=k0,
             cap_tokens=cap,
             hold=prefill_only or left > gen_room,
+            carry_text=self.carry,
         )
         params.extra_args = marker.to_extra_args(self.params.extra_args)
         suffix = f"{SEGMENT_SEP}{self.segments}" if self.segments else ""
@@ -216,6 +225,20 @@ class Stream:
         first_new = max(seg.num_seed, 1)
         self.prompt_logprobs.extend(out.prompt_logprobs[first_new:])
 
+    @property
+    def _stop_reach(self) -> int:
+        """Trailing characters of the stream a stop string may span into the
+        next segment: the longest stop string but one."""
+        stops = self.params.stop
+        stops = [stops] if isinstance(stops, str) else (stops or [])
+        return max((len(stop) for stop in stops), default=1) - 1
+
+    @property
+    def _held(self) -> int:
+        """Characters held back at a rollover (those a stop string may cut;
+        vLLM holds back as many inside a request)."""
+        return 0 if self.params.include_stop_str_in_output else self._stop_reach
+
     def accept(self, out: RequestOutput) -> tuple[RequestOutput | None, bool]:
         """Map a segment's output to the user's stream.
 
@@ -229,37 +252,34 @@ class Stream:
                 return None, False
             if out.outputs[0].finish_reason == "abort":
                 self.done = True
-                return self._user_output(out, delta=False), False
+                return self._user_output(out), False
             return None, True
-        completion = out.outputs[0]
-        delta = seg.params.output_kind == RequestOutputKind.DELTA
-        if delta:
-            self.seg_tokens.extend(completion.token_ids)
-            self.seg_text += completion.text
-            if completion.logprobs:
-                self.seg_logprobs.extend(completion.logprobs)
-        else:
-            self.seg_tokens = list(completion.token_ids)
-            self.seg_text = completion.text
-            self.seg_logprobs = list(completion.logprobs or [])
+        completion = out.outputs[0]  # cumulative over the segment
+        self.seg_tokens = list(completion.token_ids)
+        self.seg_text = completion.text
+        self.seg_logprobs = list(completion.logprobs or [])
         self.seg_cumulative = completion.cumulative_logprob
         roll = False
         if out.finished:
-            roll = self._close_segment(completion.finish_reason)
-        user = self._user_output(out, delta=delta)
+            roll = self._close_segment(completion)
+        user = self._user_output(out, rolling=roll)
         if roll:
             user.finished = False
             user.outputs[0] = replace(
                 user.outputs[0], finish_reason=None, stop_reason=None
             )
-            if seg.params.output_kind == RequestOutputKind.FINAL_ONLY:
+            if self.params.output_kind == RequestOutputKind.FINAL_ONLY:
                 user = None
         return user, roll
 
-    def _close_segment(self, finish_reason: str | None) -> bool:
-        """Fold the finished segment into the stream; True to roll over."""
+    def _close_segment(self, completion) -> bool:
+        """Fold the finished segment into the stream; True to roll over.
+
+        A stop string that began in the carry cut the segment's text inside
+        it: the stream's text is then shorter than before this segment.
+        """
         self.tokens.extend(self.seg_tokens)
-        self.text += self.seg_text
+        self.text = self._visible_text(rolling=False)
         if self.logprobs is not None:
             self.logprobs.extend(self.seg_logprobs)
             self.cumulative_logprob += self.seg_cumulative or 0.0
@@ -268,45 +288,52 @@ class Stream:
             len(self.current.prompt_ids) + len(self.seg_tokens) >= self.max_model_len
         )
         more = len(self.tokens) < self.params.max_tokens
-        roll = finish_reason == "length" and hit_cap and more
+        roll = completion.finish_reason == "length" and hit_cap and more
         self.done = not roll
+        self.seg_tokens, self.seg_text, self.seg_logprobs = [], "", []
+        self.seg_cumulative, self.carry = None, ""
         return roll
 
-    def _user_output(self, out: RequestOutput, delta: bool) -> RequestOutput:
-        completion = out.outputs[0]
-        closed = out.finished
+    def _visible_text(self, rolling: bool) -> str:
+        """The stream's text a user may see now: never what a stop string
+        spanning the next seam could still cut (held back at a rollover)."""
+        if rolling:
+            return self.text[: len(self.text) - self._held]
+        return self.text[: len(self.text) - len(self.carry)] + self.seg_text
+
+    def _user_output(self, out: RequestOutput, rolling: bool = False) -> RequestOutput:
+        tokens = self.tokens + self.seg_tokens
+        text = self._visible_text(rolling)
+        logprobs = cumulative = None
+        if self.logprobs is not None:
+            logprobs = self.logprobs + self.seg_logprobs
+            cumulative = self.cumulative_logprob + (self.seg_cumulative or 0.0)
+        delta = self.params.output_kind == RequestOutputKind.DELTA
         if delta:
-            user_completion = completion
-        else:
-            tokens = self.tokens if closed else self.tokens + self.seg_tokens
-            text = self.text if closed else self.text + self.seg_text
-            logprobs = None
-            cumulative = None
-            if self.logprobs is not None:
-                logprobs = (
-                    self.logprobs if closed else self.logprobs + self.seg_logprobs
-                )
-                cumulative = self.cumulative_logprob + (
-                    0.0 if closed else (self.seg_cumulative or 0.0)
-                )
-            user_completion = replace(
-                completion,
+            tokens, text = tokens[self.sent_tokens :], text[self.sent_text :]
+            if logprobs is not None:
+                logprobs = logprobs[self.sent_tokens :]
+            self.sent_tokens += len(tokens)
+            self.sent_text += len(text)
+        user = copy.copy(out)
+        user.outputs = [
+            replace(
+                out.outputs[0],
                 token_ids=list(tokens),
                 text=text,
                 logprobs=logprobs,
                 cumulative_logprob=cumulative,
             )
-        user = copy.copy(out)
+        ]
         user.request_id = self.request_id
         user.prompt_token_ids = self.prompt_ids[self.hidden :]
         user.prompt = self.prompt_text
         user.prompt_logprobs = self.prompt_logprobs
         if self.hidden and self.prompt_logprobs is not None:
             user.prompt_logprobs = [None, *self.prompt_logprobs[self.hidden + 1 :]]
-        if delta and self.segments > 1 and not self._first_visible:
+        if delta and not self._first_visible:
             user.prompt_logprobs = None
         self._first_visible = False
-        user.outputs = [user_completion]
         return user
 
     _first_visible: bool = True
