@@ -221,30 +221,19 @@ def main(argv: list[str] | None = None) -> int:
     os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "4")
     histories = [int(h) for h in args.histories.split(",")]
     model = model_path(args.model, args.dense_context)
+    methods = args.methods.split(",")
+    opened = {method: open_method(args, model, method) for method in methods}
     rows = []
-    for method in args.methods.split(","):
-        run_turn, close = open_method(args, model, method)
-        fits = args.dense_context if method == "dense" else None
+    try:  # methods interleaved per history: the VM's drift hits them alike
         for history_len in histories:
-            times = conversation(run_turn, args, history_len, fits)
-            row = {
-                "method": method,
-                "history": history_len,
-                "turn_s": statistics.median(t for t, _ in times) if times else None,
-                "ttft_s": statistics.median(f for _, f in times) if times else None,
-                "times": times,
-            }
-            rows.append(row)
-            shown = "-"
-            if times:
-                shown = (
-                    f"{row['turn_s'] * 1000:.1f} ms/turn, "
-                    f"first token {row['ttft_s'] * 1000:.1f} ms"
-                )
-            print(
-                f"[multiturn] {method:9s} history {history_len:7d}: {shown}", flush=True
-            )
-        close()
+            for method in methods:
+                run_turn, _ = opened[method]
+                fits = args.dense_context if method == "dense" else None
+                times = conversation(run_turn, args, history_len, fits)
+                rows.append(summarize(method, history_len, times))
+    finally:
+        for _, close in opened.values():
+            close()
     print_table(rows, histories)
     if args.json:
         meta = {
@@ -254,6 +243,24 @@ def main(argv: list[str] | None = None) -> int:
     if args.png:
         plot(rows, args.png)
     return 0
+
+
+def summarize(method: str, history_len: int, times: list) -> dict:
+    row = {
+        "method": method,
+        "history": history_len,
+        "turn_s": statistics.median(t for t, _ in times) if times else None,
+        "ttft_s": statistics.median(f for _, f in times) if times else None,
+        "times": times,
+    }
+    shown = "-"
+    if times:
+        shown = (
+            f"{row['turn_s'] * 1000:.1f} ms/turn, "
+            f"first token {row['ttft_s'] * 1000:.1f} ms"
+        )
+    print(f"[multiturn] {method:9s} history {history_len:7d}: {shown}", flush=True)
+    return row
 
 
 def print_table(rows: list[dict], histories: list[int]) -> None:
