@@ -183,15 +183,17 @@ class Server:
             max_tokens=out,
             temperature=0,
             stream=True,
+            logprobs=0,  # the answer's token ids, without echoing the prompt's
             extra_body={
                 "ignore_eos": True,
                 "allowed_token_ids": ASCII,
-                "return_token_ids": True,
+                "return_tokens_as_token_ids": True,
             },
         )
         for event in stream:
-            ids = getattr(event.choices[0], "token_ids", None) or []
-            if first is None and (ids or event.choices[0].text):
+            logprobs = event.choices[0].logprobs
+            ids = [int(t.split(":")[1]) for t in (logprobs.tokens if logprobs else [])]
+            if first is None and ids:
                 first = time.perf_counter() - start
             tokens += ids
         return time.perf_counter() - start, first, tokens
