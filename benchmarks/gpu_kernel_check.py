@@ -18,6 +18,10 @@ loaded by file path from this checkout.
 ``--tiny`` runs a tiny size on CPU under TRITON_INTERPRET=1 (wall-clock timings,
 no CUDA events) so CI can run it. ``--json PATH`` writes every number.
 ``--sweep`` also times a few tile/warp/stage variants on three rows.
+``--estimate`` prints, without a GPU, the command to run on one, the time limit
+to give it, and how long the full-size run should take on an H100 (a
+pessimistic roofline: every timed call at a fraction of the H100 PCIe's HBM rate
+and bf16 peak, plus L2 flushes, Triton compiles and start-up; see ``estimate``).
 """
 
 from __future__ import annotations
@@ -494,6 +498,78 @@ def speed(shape: Shape, device: torch.device, tiny: bool, sweep: bool, triton_pa
     return rate, rows
 
 
+# ------------------------------------------------------------ time estimate
+
+
+@dataclass(frozen=True)
+class GpuSpec:
+    """Datasheet figures (NVIDIA H100 Tensor Core GPU datasheet, PCIe card: the
+    slower H100) and the pessimistic assumptions the estimate makes."""
+
+    name: str = "H100 PCIe"
+    hbm_bytes_per_s: float = 2.0e12  # SXM: 3.35e12
+    bf16_flops: float = 756e12  # dense; SXM: 989e12
+    efficiency: float = 0.25  # share of either peak a timed call reaches, at worst
+    min_call_s: float = 20e-6  # launch + split/merge floor of one call
+    compile_s: float = 4.0  # one Triton specialization (JIT on the host)
+    startup_s: float = 30.0  # import torch/Triton, CUDA context, correctness inputs
+
+
+GPU_COMMAND = "python3 benchmarks/gpu_kernel_check.py --json benchmarks/gpu_kernel.json"
+GPU_LIMIT_S = 480  # the device tool allows 600 s a call; leave room for a rerun
+
+
+def estimate(shape: Shape, sweep: bool, gpu: GpuSpec = GpuSpec()) -> dict:
+    """Seconds the full run should take on ``gpu``, by part.
+
+    A timed call costs ``max(bytes / (eff * HBM), flops / (eff * peak),
+    min_call)``; each row times three functions (kernel, kernel without rotary,
+    SDPA) ``warmup + reps`` times, flushing L2 (a 256 MiB write) before each
+    timed rep. Compiles: one per Triton specialization (kernel + merge per
+    correctness config, per speed kind and rotary on/off, per sweep variant).
+    """
+    timer = Timer(torch.device("cuda"), reps=30, warmup=5)
+    calls = 3 * (timer.warmup + timer.reps)
+    flush_s = timer.reps * 3 * (256 << 20) / (gpu.efficiency * gpu.hbm_bytes_per_s)
+    eff_bw = gpu.efficiency * gpu.hbm_bytes_per_s
+    eff_flops = gpu.efficiency * gpu.bf16_flops
+    elem = torch.tensor([], dtype=shape.dtype).element_size()
+    timing_s, sweep_calls = 0.0, 0
+    plan = [(b, w, 1) for w in shape.windows for b in shape.batches]
+    plan += [(1, w, shape.prefill_chunk) for w in shape.windows]
+    for batch, window, q_len in plan:
+        span = shape.sink + window
+        keys = span if q_len == 1 else span + q_len - 1
+        kv_bytes = batch * shape.num_kv_heads * keys * 2 * shape.head_size * elem
+        flops = 4.0 * batch * q_len * span * shape.head_size * shape.num_heads
+        call_s = max(kv_bytes / eff_bw, flops / eff_flops, gpu.min_call_s)
+        timing_s += calls * call_s + flush_s
+        if sweep and window == 2048 and batch in (16, 256, 1):
+            sweep_calls += 16 if q_len == 1 else 12
+    per_sweep = (timer.warmup + timer.reps) * 2 * gpu.min_call_s + flush_s / 3
+    compiles = 2 * 9 + 2 * 2 * 2 + 1 + (sweep_calls if sweep else 0)
+    parts = {
+        "start-up": gpu.startup_s,
+        "Triton compiles": compiles * gpu.compile_s,
+        "timed calls + L2 flushes": timing_s,
+        "sweep": sweep_calls * (per_sweep + 0.01),
+    }
+    return {**parts, "total": sum(parts.values())}
+
+
+def print_gpu_plan(shape: Shape, sweep: bool) -> float:
+    parts = estimate(shape, sweep)
+    gpu = GpuSpec()
+    print(f"GPU command: timeout {GPU_LIMIT_S} {GPU_COMMAND}" + (" --sweep" * sweep))
+    print(
+        f"GPU time limit: {GPU_LIMIT_S} s (estimated {parts['total']:.0f} s on an "
+        f"{gpu.name}, pessimistic: {gpu.efficiency:.0%} of HBM and bf16 peak)"
+    )
+    for name, seconds in parts.items():
+        print(f"  {name:26} {seconds:7.1f} s")
+    return parts["total"]
+
+
 # ----------------------------------------------------------------------- main
 
 
@@ -526,7 +602,13 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--json", type=Path, help="write results here")
     parser.add_argument("--sweep", action="store_true", help="time tile variants")
     parser.add_argument("--skip-speed", action="store_true")
+    parser.add_argument(
+        "--estimate", action="store_true", help="print the GPU plan and exit"
+    )
     args = parser.parse_args(argv)
+    print_gpu_plan(FULL, args.sweep)
+    if args.estimate:
+        return 0
 
     cuda = torch.cuda.is_available()
     if not cuda:

@@ -450,7 +450,7 @@ class FakeEngine:
         return None
 
 
-def test_llm_engine_without_sink(monkeypatch):
+def test_llm_engine_without_sink(patches, monkeypatch):
     from vllm import SamplingParams
     from vllm.v1.engine import llm_engine
     from vllm.v1.engine.llm_engine import LLMEngine
@@ -477,7 +477,7 @@ def test_llm_engine_without_sink(monkeypatch):
         )
 
 
-def test_async_llm_without_sink():
+def test_async_llm_without_sink(patches):
     from vllm import SamplingParams
     from vllm.outputs import RequestOutput
     from vllm.v1.engine.async_llm import AsyncLLM
@@ -510,6 +510,49 @@ def test_async_llm_without_sink():
     asyncio.run(AsyncLLM.abort(patched_engine, ["r1", "r2"], internal=True))
     asyncio.run(original(AsyncLLM, "abort")(plain_engine, ["r1", "r2"], True))
     assert patched_engine.calls == plain_engine.calls != []
+
+
+def test_async_stream_left_between_segments_releases_its_hold(patches):
+    """A client that leaves when a segment ends (the next not yet added) must
+    not leave the engine core holding that segment's blocks."""
+    from vllm import SamplingParams
+    from vllm.outputs import CompletionOutput, RequestOutput
+    from vllm.v1.engine.async_llm import AsyncLLM
+
+    fake = FakeEngine()
+    fake.vllm_config.additional_config = {"attention_sink": {"sink": 4, "window": 20}}
+    fake.vllm_config.model_config.skip_tokenizer_init = True
+    fake.vllm_config.cache_config = SimpleNamespace(
+        block_size=16, enable_prefix_caching=True
+    )
+    prompt = list(range(3, 43))
+    capped = CompletionOutput(0, "", list(range(128 - len(prompt))), None, None)
+    capped.finish_reason = "length"
+    segment_end = RequestOutput("r1", None, prompt, None, [capped], True)
+
+    async def add_request(request_id, prompt, params, **kwargs):
+        fake.calls.append(("add_request", request_id))
+        return SimpleNamespace(
+            request_id=request_id, get_nowait=lambda: segment_end, close=lambda: None
+        )
+
+    async def call_utility_async(name, *args):
+        fake.calls.append(("utility", name, *args))
+
+    fake.add_request = add_request
+    fake.engine_core.call_utility_async = call_utility_async
+
+    async def leave_after_first_output():
+        params = SamplingParams(max_tokens=500, ignore_eos=True)
+        outputs = AsyncLLM.generate(fake, {"prompt_token_ids": prompt}, params, "r1")
+        first = await anext(outputs)
+        await outputs.aclose()  # the client disconnects here
+        return first
+
+    first = asyncio.run(leave_after_first_output())
+    assert not first.finished and len(first.outputs[0].token_ids) == 88
+    assert fake.calls[-1] == ("utility", "sink_release", "r1")
+    assert [c for c in fake.calls if c[0] == "add_request"] == [("add_request", "r1")]
 
 
 # the version guard -----------------------------------------------------------

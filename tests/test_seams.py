@@ -13,6 +13,7 @@ import random
 import pytest
 from conftest import make_llm, shutdown
 from vllm import SamplingParams
+from vllm.exceptions import VLLMValidationError
 
 SINK, WINDOW = 4, 20
 SHORT = 128  # max_model_len that forces seams
@@ -156,6 +157,27 @@ def test_conversation_past_max_model_len_continues_cached_stream(
     assert continued >= 4 and restreamed == 0 and hits > 0
     assert_same_chat(fallback, chat_without_reuse)
     assert restreamed_after >= 1
+
+
+def test_a_turn_refused_after_its_lookup_holds_nothing(tiny_llama):
+    """The blocks a continuation holds are dropped when vLLM refuses the turn."""
+    llm = make_llm(
+        tiny_llama, SINK, WINDOW, max_model_len=SHORT, disable_log_stats=False
+    )
+    params = SamplingParams(max_tokens=8, temperature=0, ignore_eos=True)
+    try:
+        (first,) = llm.generate([{"prompt_token_ids": PROMPT}], params)
+        history = PROMPT + list(first.outputs[0].token_ids)
+        before = metric(llm, "vllm:sink_stream_continuations")
+        with pytest.raises(VLLMValidationError, match="out of vocabulary"):
+            llm.generate([{"prompt_token_ids": history + [10**6]}], params)
+        continued = metric(llm, "vllm:sink_stream_continuations") - before
+        llm.generate([{"prompt_token_ids": [5, 6, 7]}], params)  # a step after it
+        usage = metric(llm, "vllm:kv_cache_usage_perc")
+    finally:
+        shutdown(llm)
+    assert continued == 1  # the refused turn had found and held the stream
+    assert usage == 0
 
 
 def test_conversation_within_context_reuses_window_blocks(tiny_llama):

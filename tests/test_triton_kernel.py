@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import importlib
 import os
+import re
 import subprocess
 import sys
 import xml.etree.ElementTree as ET
@@ -260,3 +261,9 @@ def test_gpu_kernel_check_tiny_runs() -> None:
     )
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     assert "SUMMARY" in proc.stdout and "decode" in proc.stdout
+    # The full size's plan, printed for whoever gets a GPU: well inside 8 minutes.
+    assert "GPU command: timeout 480 python3 benchmarks/gpu_kernel_check.py" in (
+        proc.stdout
+    )
+    estimated = re.search(r"estimated (\d+) s on an H100", proc.stdout)
+    assert estimated and int(estimated.group(1)) < 0.6 * 480

@@ -29,13 +29,16 @@ a seam never misses:
 - seed hold (the segment's engine id): at ``add_request`` the next segment takes
   the stream hold and keeps the pinned blocks and ``[k0, hb)`` until it ends,
   so a preempted seam request always resumes from its seed;
-- an abort of any segment of the stream drops both.
+- an abort of any segment of the stream drops both, and the front-end drops the
+  stream hold (utility ``EngineCore.sink_release``) when a stream ends between
+  two segments (its client left, or the next segment was refused).
 
 Hooks (engine core, all through ``patching``; ``patches/0007-stream-seams.diff``):
 ``Scheduler.add_request`` (re-chain, take the hold), ``Scheduler._free_request``
 (make the stream hold, drop the seed hold), ``Scheduler.finish_requests`` (an
 abort drops holds), ``KVCacheManager.get_computed_blocks`` (a seam request's
-hit is capped at its plan) and the utility ``EngineCore.sink_lookup``.
+hit is capped at its plan) and the utilities ``EngineCore.sink_lookup`` and
+``EngineCore.sink_release``.
 """
 
 from __future__ import annotations
@@ -205,9 +208,6 @@ class Holds:
         if blocks:
             self.pool.free_blocks(b for row in blocks.values() for b in row)
 
-    def release_stream(self, request_id: str) -> None:
-        self.release("stream:" + stream_key(request_id))
-
     def _rechain(self, request: Any, parent: Any) -> None:
         p = self.pinned
         count = len(request.block_hashes)
@@ -244,6 +244,14 @@ class Holds:
 
 def _stream_block(engine_block: int, pinned: int, shift: int) -> int:
     return engine_block if engine_block < pinned else engine_block + shift
+
+
+def _stream_of(scheduler: Any, request_id: str) -> str:
+    """The stream an aborted engine id belongs to: a live request names it in its
+    marker (vLLM suffixes the ids it schedules); otherwise the id is the stream's
+    or a segment's id as the front-end made it."""
+    marker = SeamMarker.of(scheduler.requests.get(request_id))
+    return marker.stream if marker is not None else stream_key(request_id)
 
 
 def _sink_spec(scheduler: Any) -> Any:
@@ -299,7 +307,7 @@ def install() -> None:
         if holds is not None and finished_status == RequestStatus.FINISHED_ABORTED:
             ids = [request_ids] if isinstance(request_ids, str) else request_ids
             for request_id in list(ids or ()):
-                holds.release_stream(request_id)
+                holds.release("stream:" + _stream_of(self, request_id))
         return original(self, request_ids, finished_status)
 
     @wrap_method(
@@ -343,3 +351,9 @@ def install() -> None:
         return holds_of(self.scheduler).lookup(stream, list(token_ids))
 
     add_method(EngineCore, "sink_lookup", sink_lookup, reason="seams", diff=diff)
+
+    def sink_release(self, stream: str) -> None:
+        """Utility: drop what is held for a stream that ended between segments."""
+        holds_of(self.scheduler).release("stream:" + stream)
+
+    add_method(EngineCore, "sink_release", sink_release, reason="seams", diff=diff)

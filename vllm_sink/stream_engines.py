@@ -5,7 +5,8 @@ Each front-end keeps a ``StreamTable``; a request that needs rollover (see
 that must roll over is followed by the next, outputs are mapped back to the
 user's request, and an abort reaches the segment now running. A prompt that
 extends a stream the engine core caches starts from its blocks
-(``EngineCore.sink_lookup``, see ``seams``).
+(``EngineCore.sink_lookup``, see ``seams``); a stream that ends before its last
+segment drops what the engine core holds for it (``EngineCore.sink_release``).
 """
 
 from __future__ import annotations
@@ -53,12 +54,25 @@ def _engine_stream(
     return stream
 
 
-def _lookup(engine: Any, stream: Stream) -> tuple[int, int]:
-    """Ask the engine core for a held seed (offline engine: in-process or not)."""
-    client, args = engine.engine_core, (stream.request_id, stream.prompt_ids)
+def _utility(engine: Any, name: str, *args: Any) -> Any:
+    """Call an engine-core utility (offline engine: in-process or not)."""
+    client = engine.engine_core
     if hasattr(client, "call_utility"):
-        return tuple(client.call_utility("sink_lookup", *args))
-    return client.engine_core.sink_lookup(*args)
+        return client.call_utility(name, *args)
+    return getattr(client.engine_core, name)(*args)
+
+
+def _lookup(engine: Any, stream: Stream) -> None:
+    """Start from a held seed when the prompt continues a cached stream."""
+    if wants_lookup(stream):
+        found = _utility(engine, "sink_lookup", stream.request_id, stream.prompt_ids)
+        continue_cached(stream, tuple(found))
+
+
+def _release(engine: Any, stream: Stream) -> None:
+    """Drop the blocks held for a stream that will not be continued."""
+    if stream.reuse:
+        _utility(engine, "sink_release", stream.request_id)
 
 
 def _tokenizer(engine: Any) -> Any:
@@ -105,19 +119,10 @@ def install() -> None:
         stream = _engine_stream(self, request_id, prompt, params)
         if stream is None:
             return original(self, request_id, prompt, params, *args, **kwargs)
-        if wants_lookup(stream):
-            continue_cached(stream, _lookup(self, stream))
+        _lookup(self, stream)
         kwargs.pop("prompt_text", None)  # the text of the first segment's prompt only
         stream.engine_options = (args, kwargs)  # lora, priority, ... each segment
-        segment = _table(self).start(stream)
-        original(
-            self,
-            segment.engine_id,
-            stream.engine_input(segment),
-            segment.params,
-            *args,
-            **kwargs,
-        )
+        original_add(self, _table(self).start(stream), stream)
         return request_id
 
     @wrap_method(LLMEngine, "step", reason="streams past max_model_len", diff=diff)
@@ -135,8 +140,7 @@ def install() -> None:
             user, roll = stream.accept(out)
             if roll:
                 metrics.count_rollover()
-                segment = table.advance(stream)
-                original_add(self, segment, stream)
+                original_add(self, table.advance(stream), stream)
             elif stream.done:
                 table.finish(stream)
             if user is not None:
@@ -146,15 +150,21 @@ def install() -> None:
     original_add_request = LLMEngine.add_request.__wrapped__
 
     def original_add(engine, segment: Segment, stream: Stream) -> None:
+        """Add a segment; a refused one ends its stream and drops its holds."""
         args, kwargs = stream.engine_options
-        original_add_request(
-            engine,
-            segment.engine_id,
-            stream.engine_input(segment),
-            segment.params,
-            *args,
-            **kwargs,
-        )
+        try:
+            original_add_request(
+                engine,
+                segment.engine_id,
+                stream.engine_input(segment),
+                segment.params,
+                *args,
+                **kwargs,
+            )
+        except BaseException:
+            _table(engine).finish(stream)
+            _release(engine, stream)
+            raise
 
     @wrap_method(
         LLMEngine, "abort_request", reason="streams past max_model_len", diff=diff
@@ -175,8 +185,9 @@ def install() -> None:
         return _generate_stream(original, self, stream, args, kwargs)
 
     async def _generate_stream(original, engine, stream: Stream, args, kwargs):
+        core = engine.engine_core
         if wants_lookup(stream):
-            found = await engine.engine_core.call_utility_async(
+            found = await core.call_utility_async(
                 "sink_lookup", stream.request_id, stream.prompt_ids
             )
             continue_cached(stream, tuple(found))
@@ -202,6 +213,8 @@ def install() -> None:
                 segment = table.advance(stream)
         finally:
             table.finish(stream)
+            if not stream.done and stream.reuse:  # left between segments, or refused
+                await core.call_utility_async("sink_release", stream.request_id)
 
     @wrap_method(AsyncLLM, "abort", reason="streams past max_model_len", diff=diff)
     async def abort(original, self, request_id, *args, **kwargs):
