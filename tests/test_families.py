@@ -100,3 +100,17 @@ def test_refused_rotary_names_the_model_and_the_fix():
         rope._vllm_rope_table(ntk, cfg, "tiny-ntk")
     with pytest.raises(rope.SinkConfigError, match="tiny-foo.*not proven"):
         rope._vllm_rope_table(FooRotaryEmbedding(), cfg, "tiny-foo")
+
+
+def test_scaled_table_is_normalised_and_uneven_rows_are_refused():
+    angles = torch.arange(31.0)[:, None] * torch.tensor([1.0, 0.1, 0.01])
+    table = torch.cat((angles.cos(), angles.sin()), dim=-1)
+    unit = rope.unit_table(table, 6, True, "m")
+    assert unit.cos_sin_cache is table and unit.qk_factor == 1.0
+    scaled = rope.unit_table(1.25 * table, 6, True, "m")
+    torch.testing.assert_close(scaled.cos_sin_cache, table)
+    assert scaled.qk_factor == pytest.approx(1.25**2, rel=1e-6)
+    uneven = table.clone()
+    uneven[3] *= 1.1
+    with pytest.raises(rope.SinkConfigError, match="uneven.*one magnitude"):
+        rope.unit_table(uneven, 6, True, "uneven")

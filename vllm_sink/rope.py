@@ -198,10 +198,13 @@ def prepare_model(model: nn.Module, cfg: SinkConfig, name: str = "this model") -
     Raises ``SinkConfigError`` for a model whose rotary cannot be handled.
     """
     tables: dict[int, RopeTable] = {}
+    by_rotary: dict[int, RopeTable] = {}  # vLLM shares one rotary module per config
     for module in list(model.modules()):
         rot = getattr(module, "rotary_emb", None)
         if rot is not None and _is_vllm_rotary(rot):
-            table = _vllm_rope_table(rot, cfg, name)
+            if id(rot) not in by_rotary:
+                by_rotary[id(rot)] = _vllm_rope_table(rot, cfg, name)
+            table = by_rotary[id(rot)]
             for attn in _attention_children(module):
                 tables[id(attn)] = table
             module.rotary_emb = SkipRotary(rot)
