@@ -274,6 +274,5 @@ def install() -> None:
             result = original(self, *args, **kwargs)
             cfg = get_sink_config(self.vllm_config)
             if cfg is not None:
-                name = self.vllm_config.model_config.model
-                prepare_model(self.get_model(), cfg, name)
+                prepare_model(self.get_model(), cfg, self.model_config.model)
             return result
