@@ -218,7 +218,8 @@ ENGINE_SCRIPT = textwrap.dedent(
     cpu_kernel.sink_decode = counting("compiled", cpu_kernel.sink_decode)
 
     prompts, new_tokens = json.loads(sys.argv[1]), int(sys.argv[2])
-    llm = LLM(make_tiny_model("llama"), dtype="float32", enforce_eager=True,
+    model = sys.argv[3] if len(sys.argv) > 3 else make_tiny_model("llama")
+    llm = LLM(model, dtype="float32", enforce_eager=True,
               block_size=16, max_model_len=4096, max_num_batched_tokens=64,
               max_num_seqs=4, seed=0,
               additional_config={"attention_sink": {"sink": 4, "window": 20}})
@@ -237,9 +238,11 @@ ENGINE_SCRIPT = textwrap.dedent(
 )
 
 
-def run_engine(kernel: str, prompts: list[list[int]], new_tokens: int) -> dict:
-    """Greedy streams from real vLLM (tiny llama, S=4, W=20, fp32, 64-token
-    chunks) with ``VLLM_SINK_KERNEL=kernel``, in a child process.
+def run_engine(
+    kernel: str, prompts: list[list[int]], new_tokens: int, model: str | None = None
+) -> dict:
+    """Greedy streams from real vLLM (``model``, default the tiny llama; S=4, W=20,
+    fp32, 64-token chunks) with ``VLLM_SINK_KERNEL=kernel``, in a child process.
 
     Returns ``{"calls": {"triton"|"torch"|"compiled": n}, "results": [{"tokens",
     "logprobs", "prompt_logprobs"}, ...]}``; ``torch`` counts every call of
@@ -256,7 +259,8 @@ def run_engine(kernel: str, prompts: list[list[int]], new_tokens: int) -> dict:
     if kernel == "triton" and not torch.cuda.is_available():
         env["TRITON_INTERPRET"] = "1"
     proc = subprocess.run(
-        [sys.executable, "-c", ENGINE_SCRIPT, json.dumps(prompts), str(new_tokens)],
+        [sys.executable, "-c", ENGINE_SCRIPT, json.dumps(prompts), str(new_tokens)]
+        + ([model] if model else []),
         env=env,
         capture_output=True,
         text=True,

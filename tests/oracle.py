@@ -24,6 +24,7 @@ fp32 (fp64 for an fp64 oracle).
 from __future__ import annotations
 
 import copy
+import math
 import os
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
@@ -35,38 +36,93 @@ from torch import Tensor, nn
 # attend(q [n_heads, d], k [n_kv, d], v [n_kv, d]) -> [n_heads, d]
 Attend = Callable[[Tensor, Tensor, Tensor], Tensor]
 
-SUPPORTED_MODEL_TYPES = ("llama", "gpt_neox")
+LLAMA_LIKE = ("llama", "mistral", "qwen2", "qwen3", "phi3")
+SUPPORTED_MODEL_TYPES = (*LLAMA_LIKE, "gpt_neox")
 
 
 @dataclass(frozen=True)
 class RopeSpec:
-    """Rotary parameters read from the HF config (neox / rotate_half style only)."""
+    """Rotary frequencies and attention factor, computed here from the HF config.
 
-    theta: float
+    ``attention_factor`` multiplies cos and sin (YaRN's mscale, LongRoPE's scaling), so
+    it enters q.k squared, as in HF. Neox / rotate_half style only.
+    """
+
+    inv_freq: Tensor  # [rotary_dim / 2], fp32
     rotary_dim: int
-
-    def inv_freq(self) -> Tensor:
-        """``1 / theta^(arange(0, rd, 2) / rd)`` in fp32."""
-        exponents = (
-            torch.arange(0, self.rotary_dim, 2, dtype=torch.float32) / self.rotary_dim
-        )
-        return 1.0 / (self.theta**exponents)
+    attention_factor: float = 1.0
 
 
-def rope_spec(config: object, head_dim: int) -> RopeSpec:
-    """Theta and rotary dim of a HF config; only plain ("default") RoPE is supported."""
+def rope_spec(config: object, head_dim: int, span: int | None = None) -> RopeSpec:
+    """RoPE of a HF config: default, linear, dynamic, llama3, yarn or longrope.
+
+    ``span``: the longest sequence the rotary sees (``S+W``; None = the model's
+    context). Dynamic NTK and LongRoPE depend on it: within the original context
+    dynamic NTK is plain RoPE, and LongRoPE uses its short factors.
+    """
     params = dict(getattr(config, "rope_parameters", None) or {})
     rope_type = params.get("rope_type", params.get("type", "default"))
-    if rope_type != "default":
-        raise NotImplementedError(
-            f"oracle supports only default RoPE, got {rope_type!r}"
-        )
-    theta = params.get("rope_theta", getattr(config, "rope_theta", 10000.0))
+    theta = float(params.get("rope_theta", getattr(config, "rope_theta", 10000.0)))
     fraction = params.get(
         "partial_rotary_factor",
         getattr(config, "partial_rotary_factor", getattr(config, "rotary_pct", 1.0)),
     )
-    return RopeSpec(theta=float(theta), rotary_dim=int(head_dim * fraction))
+    dim = int(head_dim * fraction)
+    plain = 1.0 / theta ** (torch.arange(0, dim, 2, dtype=torch.float32) / dim)
+    max_pos = config.max_position_embeddings
+    span = max_pos if span is None else span
+    if rope_type == "default":
+        return RopeSpec(plain, dim)
+    if rope_type == "linear":
+        return RopeSpec(plain / params["factor"], dim)
+    if rope_type == "dynamic":
+        if span > params.get("original_max_position_embeddings", max_pos):
+            raise NotImplementedError("dynamic NTK past the original context")
+        return RopeSpec(plain, dim)
+    if rope_type == "llama3":
+        return RopeSpec(_llama3(plain, params), dim)
+    if rope_type == "yarn":
+        return _yarn(plain, params, theta, dim)
+    if rope_type == "longrope":
+        return _longrope(plain, params, max_pos, span, dim)
+    raise NotImplementedError(f"oracle does not support rope_type {rope_type!r}")
+
+
+def _llama3(inv_freq: Tensor, p: dict) -> Tensor:
+    """Llama-3.1: long wavelengths divided by ``factor``, a smooth ramp between."""
+    factor, low, high = p["factor"], p["low_freq_factor"], p["high_freq_factor"]
+    old = p["original_max_position_embeddings"]
+    wavelen = 2 * math.pi / inv_freq
+    smooth = ((old / wavelen - low) / (high - low)).clamp(0, 1)
+    return (1 - smooth) * inv_freq / factor + smooth * inv_freq
+
+
+def _yarn(inv_freq: Tensor, p: dict, theta: float, dim: int) -> RopeSpec:
+    """YaRN (Peng et al. 2023): ramp between interpolated and original frequencies."""
+    factor, old = p["factor"], p["original_max_position_embeddings"]
+
+    def correction_dim(rotations: float) -> float:
+        return dim * math.log(old / (rotations * 2 * math.pi)) / (2 * math.log(theta))
+
+    low = max(math.floor(correction_dim(p.get("beta_fast") or 32)), 0)
+    high = min(math.ceil(correction_dim(p.get("beta_slow") or 1)), dim - 1)
+    ramp = ((torch.arange(dim // 2, dtype=torch.float32) - low) / (high - low)).clamp(
+        0, 1
+    )
+    mixed = inv_freq / factor * ramp + inv_freq * (1 - ramp)
+    attention = p.get("attention_factor") or 0.1 * math.log(factor) + 1.0
+    return RopeSpec(mixed, dim, attention)
+
+
+def _longrope(inv_freq: Tensor, p: dict, max_pos: int, span: int, dim: int) -> RopeSpec:
+    """LongRoPE (Phi-3): per-frequency factors, the short set within the context."""
+    old = p["original_max_position_embeddings"]
+    factors = p["short_factor"] if span <= old else p["long_factor"]
+    scale = max_pos / old
+    attention = math.sqrt(1 + math.log(scale) / math.log(old)) if scale > 1 else 1.0
+    return RopeSpec(
+        inv_freq / torch.tensor(factors, dtype=torch.float32), dim, attention
+    )
 
 
 def rotate(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
@@ -101,7 +157,9 @@ class _Arch:
 
 
 class _Llama(_Arch):
-    """Pre-norm, sequential residual, separate q/k/v projections, GQA."""
+    """Pre-norm, sequential residual, GQA; q/k/v projections with or without biases
+    (Qwen2), fused into ``qkv_proj`` (Phi-3), per-head q/k RMSNorm before rotary
+    (Qwen3)."""
 
     def __init__(self, model: nn.Module) -> None:
         cfg = model.config
@@ -120,12 +178,23 @@ class _Llama(_Arch):
     def layer(self, index: int, x: Tensor, attend: Attend) -> Tensor:
         block = self.inner.layers[index]
         attn = block.self_attn
-        h = block.input_layernorm(x)
-        q = attn.q_proj(h).view(self.n_heads, self.head_dim)
-        k = attn.k_proj(h).view(self.n_kv_heads, self.head_dim)
-        v = attn.v_proj(h).view(self.n_kv_heads, self.head_dim)
+        q, k, v = self._qkv(attn, block.input_layernorm(x))
+        if hasattr(attn, "q_norm"):
+            q, k = attn.q_norm(q), attn.k_norm(k)
         x = x + attn.o_proj(attend(q, k, v).reshape(-1))
         return x + block.mlp(block.post_attention_layernorm(x))
+
+    def _qkv(self, attn: nn.Module, h: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+        if hasattr(attn, "qkv_proj"):
+            sizes = (self.n_heads, self.n_kv_heads, self.n_kv_heads)
+            q, k, v = attn.qkv_proj(h).split([n * self.head_dim for n in sizes])
+        else:
+            q, k, v = attn.q_proj(h), attn.k_proj(h), attn.v_proj(h)
+        return (
+            q.view(self.n_heads, self.head_dim),
+            k.view(self.n_kv_heads, self.head_dim),
+            v.view(self.n_kv_heads, self.head_dim),
+        )
 
     def head(self, x: Tensor) -> Tensor:
         return self.lm_head(self.inner.norm(x))
@@ -165,7 +234,7 @@ class _GPTNeoX(_Arch):
 
 def _wrap(model: nn.Module) -> _Arch:
     model_type = model.config.model_type
-    if model_type == "llama":
+    if model_type in LLAMA_LIKE:
         return _Llama(model)
     if model_type == "gpt_neox":
         return _GPTNeoX(model)
@@ -309,9 +378,10 @@ class SinkOracle:
         self.window = window
         self.sink = 0 if window is None or sink is None else sink
         self.arch = _wrap(self.model)
-        self.rope = rope_spec(self.model.config, self.arch.head_dim)
+        span = None if window is None else self.sink + window
+        self.rope = rope_spec(self.model.config, self.arch.head_dim, span)
         self.scale = self.arch.head_dim**-0.5
-        self._inv_freq = self.rope.inv_freq()
+        self._inv_freq = self.rope.inv_freq
         self._cos = self._sin = torch.empty(0, self.rope.rotary_dim)
 
     @property
@@ -333,7 +403,8 @@ class SinkOracle:
                 * self._inv_freq[None, :]
             )
             emb = torch.cat((freqs, freqs), dim=-1)
-            self._cos, self._sin = emb.cos(), emb.sin()
+            factor = self.rope.attention_factor
+            self._cos, self._sin = emb.cos() * factor, emb.sin() * factor
         return self._cos[positions], self._sin[positions]
 
     def attend(

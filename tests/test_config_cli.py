@@ -116,6 +116,18 @@ def test_narrow_built_in_sliding_window_is_refused():
         make_llm(model, 4, 60)
 
 
+def test_hybrid_local_global_model_is_refused():
+    """Gemma 3 style: some layers a native sliding window, others global."""
+    model = make_tiny_model(
+        "llama",
+        sliding_window=512,
+        max_position_embeddings=1024,
+        layer_types=["sliding_attention", "full_attention"],
+    )
+    with pytest.raises(SinkConfigError, match="hybrid local/global.*Fix: drop"):
+        make_llm(model, 4, 60)
+
+
 def test_flags_reach_engine_and_worker_processes(tiny_llama, tmp_path):
     """Default multiprocess mode: the plugin loads in the engine-core process,
     whose worker prepares the model and serves sink attention there."""

@@ -23,6 +23,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
+from families import FAMILIES, family_model  # noqa: E402
 from oracle import SinkOracle, visible_set  # noqa: E402
 
 from vllm_sink.tiny_models import (  # noqa: E402
@@ -187,6 +188,24 @@ def test_short_stream_equals_dense_hf(
         expected = models[arch](torch.tensor([ids])).logits[0]
     got = SinkOracle(models[arch], sink, window).logits(ids)
     torch.testing.assert_close(got, expected, atol=ATOL_FP32, rtol=0)
+
+
+@pytest.mark.parametrize("family", sorted(FAMILIES))
+@pytest.mark.parametrize(("window", "length"), [(27, 30), (100, 103)])
+def test_family_short_stream_equals_dense_hf(
+    family: str, window: int, length: int
+) -> None:
+    """Each family of the matrix (tests/families.py), fp64: the oracle's rope
+    variants, fused qkv, biases and q/k norms equal HF's dense forward for t < S+W.
+    S+W = 31 and 104 sit on both sides of the scaled ropes' original context (64)."""
+    model = AutoModelForCausalLM.from_pretrained(
+        family_model(family), dtype=torch.float64
+    ).eval()
+    ids = random_ids(length, seed=2)
+    with torch.no_grad():
+        expected = model(torch.tensor([ids])).logits[0]
+    got = SinkOracle(model, 4, window, dtype=torch.float64).logits(ids)
+    torch.testing.assert_close(got, expected, atol=2e-5, rtol=0)
 
 
 # -------------------------------------------------- oracle vs explicit masked attention

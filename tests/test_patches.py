@@ -291,7 +291,9 @@ def test_load_model_without_sink(monkeypatch):
     from vllm_sink import rope
 
     prepared = []
-    monkeypatch.setattr(rope, "prepare_model", lambda m, cfg: prepared.append(cfg))
+    monkeypatch.setattr(
+        rope, "prepare_model", lambda m, cfg, name: prepared.append(cfg)
+    )
 
     def run(load_model, extra: dict) -> nn.Module:
         model = nn.Sequential(nn.Linear(2, 2))

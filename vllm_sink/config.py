@@ -207,11 +207,17 @@ def check_model(cfg: SinkConfig, vllm_config: VllmConfig) -> None:
             "positions in sink mode go up to sink+window-1. Fix: choose "
             f"--window {max(1, max_pos - cfg.sink)} or smaller."
         )
+    layer_types = sorted(set(getattr(hf, "layer_types", None) or ()))
     refusals = [
         (model_config.uses_mrope, "multimodal rotary embeddings (mrope)"),
         (model_config.use_mla, "multi-head latent attention (MLA)"),
         (model_config.is_hybrid, "hybrid attention/mamba layers"),
         (model_config.is_attention_free, "no attention layers"),
+        (
+            len(layer_types) > 1,
+            f"hybrid local/global attention layers (Gemma 3 style: {layer_types}), "
+            "not supported yet",
+        ),
         (vllm_config.speculative_config is not None, "speculative decoding"),
     ]
     for refused, what in refusals:

@@ -81,6 +81,29 @@ DEFAULT_CONFIGS: dict[str, dict[str, Any]] = {
         "attention_bias": True,
     },
 }
+_LLAMA_LIKE = {
+    k: v for k, v in DEFAULT_CONFIGS["llama"].items() if k != "architectures"
+}
+# Families served natively by vLLM, for the family matrix (tests/test_families.py).
+DEFAULT_CONFIGS.update(
+    mistral={
+        **_LLAMA_LIKE,
+        "architectures": ["MistralForCausalLM"],
+        "sliding_window": None,
+    },
+    qwen2={  # q/k/v projections with biases
+        **_LLAMA_LIKE,
+        "architectures": ["Qwen2ForCausalLM"],
+        "use_sliding_window": False,
+    },
+    qwen3={**_LLAMA_LIKE, "architectures": ["Qwen3ForCausalLM"]},  # q/k RMSNorm
+    phi3={  # fused qkv_proj and gate_up_proj
+        **_LLAMA_LIKE,
+        "architectures": ["Phi3ForCausalLM"],
+        "original_max_position_embeddings": 64,
+        "rotary_pct": 1.0,  # Phi-3's config validation wants it in the rope dict
+    },
+)
 
 
 def default_cache_dir() -> Path:
@@ -108,16 +131,16 @@ def _config_hash(arch: str, seed: int, kwargs: dict[str, Any]) -> str:
 
 
 def _build_config(arch: str, kwargs: dict[str, Any]) -> Any:
-    from transformers import GPTNeoXConfig, LlamaConfig
+    """``rope_scaling`` (an override) is merged into the rope parameters."""
+    from transformers import AutoConfig
 
     kwargs = dict(kwargs)
     # transformers 5 keeps theta and partial rotary only inside rope_parameters.
     rope = {"rope_type": "default", "rope_theta": float(kwargs.pop("rope_theta"))}
-    if arch == "llama":
-        config = LlamaConfig(**kwargs)
-    else:
+    if "rotary_pct" in kwargs:
         rope["partial_rotary_factor"] = float(kwargs.pop("rotary_pct"))
-        config = GPTNeoXConfig(**kwargs)
+    rope.update(kwargs.pop("rope_scaling", None) or {})
+    config = AutoConfig.for_model(arch, **kwargs)
     config.rope_parameters = rope
     config.dtype = torch.float32
     return config

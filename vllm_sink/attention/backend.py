@@ -233,6 +233,18 @@ class SinkAttentionImpl(AttentionImpl[SinkAttentionMetadata]):
             return
         torch_path.write_kv(key, value, kv_cache, slot_mapping)
 
+    def _carry_factor(self, query: torch.Tensor, rope) -> tuple[torch.Tensor, float]:
+        """Query and softmax scale with the table's ``qk_factor`` applied to the
+        rotated dims (vllm_sink/rope.py's invariant: the table rows are unit)."""
+        factor = rope.qk_factor
+        if factor == 1.0:
+            return query, self.scale
+        if rope.rotary_dim == self.head_size:
+            return query, self.scale * factor
+        heads = query.reshape(query.shape[0], -1, self.head_size).clone()
+        heads[..., : rope.rotary_dim] *= factor
+        return heads.view(query.shape), self.scale
+
     def forward(
         self,
         layer: AttentionLayer,
@@ -251,8 +263,9 @@ class SinkAttentionImpl(AttentionImpl[SinkAttentionMetadata]):
             return output
         rope = layer.sink_rope  # type: ignore[attr-defined]
         n = attn_metadata.num_actual_tokens
+        query, scale = self._carry_factor(query[:n], rope)
         args = (
-            query[:n],
+            query,
             kv_cache,
             attn_metadata.block_table,
             attn_metadata.query_start_loc,
@@ -262,7 +275,7 @@ class SinkAttentionImpl(AttentionImpl[SinkAttentionMetadata]):
             rope.is_neox_style,
             attn_metadata.sink,
             attn_metadata.window,
-            self.scale,
+            scale,
             output[:n],
         )
         zero_sink = self.sink_config.zero_sink
