@@ -157,11 +157,16 @@ def prepare_model(model: nn.Module, cfg: SinkConfig) -> int:
 def install() -> None:
     """Prepare the model right after each model runner loads it."""
     from vllm.config import VllmConfig
-    from vllm.v1.worker.cpu_model_runner import CPUModelRunner
-    from vllm.v1.worker.gpu_model_runner import GPUModelRunner
 
     from vllm_sink.config import get_sink_config
-    from vllm_sink.patching import wrap_method
+    from vllm_sink.patching import find_attr, wrap_method
+
+    # The V1 model runners (vLLM 0.32, 0.33; removed in 0.34, see the README).
+    reason = "sink mode's rotary skip runs after the V1 model runners load the model"
+    runners = [
+        find_attr("vllm.v1.worker.gpu_model_runner", "GPUModelRunner", reason=reason),
+        find_attr("vllm.v1.worker.cpu_model_runner", "CPUModelRunner", reason=reason),
+    ]
 
     @wrap_method(
         VllmConfig,
@@ -175,7 +180,7 @@ def install() -> None:
             return False
         return original(self)
 
-    for runner in (GPUModelRunner, CPUModelRunner):
+    for runner in runners:
 
         @wrap_method(
             runner,
