@@ -13,7 +13,10 @@ cd "$(dirname "$0")/.."
 VERSION=${1:?usage: rig.sh VERSION}
 case "$VERSION" in
   0.33.*) EXTRA="orjson>=3.11.6" ;;
-  *) echo "rig: no rig for vLLM $VERSION (0.33.x only; see NOTE/README)" >&2; exit 2 ;;
+  # 0.34: for porting only (refused by the plugin unless VLLM_SINK_ALLOW_ANY_VLLM=1).
+  # Its x86 CPU runner needs triton-cpu; Triton's interpreter stands in (see below).
+  0.34.*) EXTRA="orjson>=3.11.6" ;;
+  *) echo "rig: no rig for vLLM $VERSION (0.33.x; 0.34.x for porting)" >&2; exit 2 ;;
 esac
 TAG=$(echo "$VERSION" | tr -d . | cut -c1-3)
 RIGVENV=.venv-rig$TAG
@@ -56,6 +59,10 @@ if [ ! -f "$STAMP" ]; then
 fi
 # .venv/'s packages (torch, the editable plugin, pytest ...) after the rig's own.
 echo "import site; site.addsitedir('$(cd "$BASE_SITE" && pwd)')" >"$SITE/zz_rig_base.pth"
+case "$VERSION" in
+  0.34.*)  # vLLM enables Triton on CPU only with a "cpu" backend: name one, interpret.
+    echo 'import os, types; os.environ.setdefault("TRITON_INTERPRET", "1"); import triton.backends as b; b.backends.setdefault("cpu", types.SimpleNamespace(driver=None, compiler=None))' >"$SITE/zz_rig_triton_interpret.pth" ;;
+esac
 if ! "$RIGVENV/bin/python" -c "import orjson" 2>/dev/null; then
   "$RIGVENV/bin/python" -m pip --disable-pip-version-check -q install --no-deps $EXTRA
 fi
@@ -65,4 +72,6 @@ for tool in vllm pytest; do
     "$([ $tool = vllm ] && echo vllm.entrypoints.cli.main || echo pytest)" >"$RIGVENV/bin/$tool"
   chmod +x "$RIGVENV/bin/$tool"
 done
-"$RIGVENV/bin/python" -c "import vllm, vllm_sink; vllm_sink.check_vllm_version(vllm.__version__); print('rig: vllm', vllm.__version__, '(test rig) + vllm-sink', vllm_sink.__version__, 'ready in $RIGVENV/')"
+CHECK="vllm_sink.check_vllm_version(vllm.__version__);"
+case "$VERSION" in 0.34.*) CHECK="" ;; esac  # refused by the plugin: porting rig only
+"$RIGVENV/bin/python" -c "import vllm, vllm_sink; $CHECK print('rig: vllm', vllm.__version__, '(test rig) + vllm-sink', vllm_sink.__version__, 'ready in $RIGVENV/')"
