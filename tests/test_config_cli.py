@@ -58,11 +58,38 @@ def test_flag_defaults():
 
 
 def test_version_guard(monkeypatch):
-    vllm_sink.check_vllm_version("0.32.0+cpu")
-    with pytest.raises(RuntimeError, match="supports vLLM 0.32.0 only"):
-        vllm_sink.check_vllm_version("0.33.1")
+    monkeypatch.delenv(vllm_sink.ALLOW_ENV, raising=False)
+    for ok in ("0.32.0+cpu", "0.32.1", "0.33.0", "0.33.2.dev4+g1234.cpu", "0.33.0rc1"):
+        vllm_sink.check_vllm_version(ok)
+    for refused in ("0.31.9", "0.34.0", "0.34.0rc1", "1.0.0", "dev"):
+        with pytest.raises(RuntimeError, match=r"supports vLLM >=0.32.0,<0.34"):
+            vllm_sink.check_vllm_version(refused)
     monkeypatch.setenv(vllm_sink.ALLOW_ENV, "1")
-    vllm_sink.check_vllm_version("0.33.1")
+    vllm_sink.check_vllm_version("0.34.0")
+
+
+def test_hook_targets_are_found_by_feature():
+    """A missing target or parameter fails start-up naming the reach."""
+    from vllm_sink.patching import ReachError, find_attr, wrap_method
+
+    assert find_attr("vllm_sink.config", "SinkConfig.from_value", reason="x")
+    assert find_attr("vllm_sink.nowhere", "X", reason="x", required=False) is None
+    with pytest.raises(
+        ReachError, match=r"vllm_sink\.config\.Nope .*needs it for: why"
+    ):
+        find_attr("vllm_sink.config", "Nope", reason="why")
+
+    class Owner:
+        def method(self, request, *args):
+            return request
+
+    with pytest.raises(ReachError, match=r"Owner\.method has no parameter budget"):
+        wrap_method(Owner, "method", reason="r", diff="d", params=("budget",))(
+            lambda original, *a: original(*a)
+        )
+    with pytest.raises(ReachError, match=r"Owner\.gone does not exist"):
+        wrap_method(Owner, "gone", reason="r", diff="d")(lambda original: None)
+    assert Owner().method(1) == 1  # nothing was replaced
 
 
 def test_register_is_idempotent():

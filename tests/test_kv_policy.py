@@ -318,3 +318,22 @@ def test_cached_conversations_reuse_only_their_own_blocks(sink, window, ops):
     for turn in running.values():
         manager.free(turn.request)
     assert pool.get_num_free_blocks() == initial_free
+
+
+def test_model_runners_never_null_the_sink_blocks():
+    """vLLM >= 0.33's V2 runners null a SlidingWindowSpec group's block-table
+    entries below num_retained_tokens (0 turns it off): SinkWindowSpec says 0,
+    also after 0.33's planner adds extra_retained_tokens (dataclasses.replace)."""
+    import dataclasses
+
+    from vllm.v1.kv_cache_interface import SlidingWindowSpec
+
+    args = dict(block_size=BS, num_kv_heads=1, head_size=8, dtype=torch.float32)
+    spec = SinkWindowSpec(**args, sliding_window=28, sink=4)
+    assert spec.num_retained_tokens == 0
+    plain = SlidingWindowSpec(**args, sliding_window=28)
+    if hasattr(plain, "num_retained_tokens"):  # vLLM >= 0.33: the override matters
+        assert plain.num_retained_tokens == 27
+    if "extra_retained_tokens" in {f.name for f in dataclasses.fields(spec)}:
+        grown = dataclasses.replace(spec, extra_retained_tokens=8)
+        assert isinstance(grown, SinkWindowSpec) and grown.num_retained_tokens == 0

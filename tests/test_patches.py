@@ -1,7 +1,9 @@
 """The upstream-ready diffs in ``patches/`` and the monkeypatches they replace.
 
 (a) Every diff applies to the installed vLLM source (alone, and all of them in
-    order), so a diff that no longer applies fails CI.
+    order), so a diff that no longer applies fails CI. The diff set follows the
+    installed version: ``patches/vllm-X.Y/NAME`` where that exists (context
+    refreshed for X.Y), else the top-level ``patches/NAME`` (against 0.32.0).
 (b) Every monkeypatch the plugin installs at run time (as recorded by
     ``vllm_sink.patching``) names a diff that exists, whose header names it.
 (c) Outside sink mode the monkeypatches change nothing: each is called next to
@@ -34,7 +36,20 @@ from vllm_sink.patching import Patch, installed_patches
 ROOT = Path(__file__).resolve().parent.parent
 PATCHES = ROOT / "patches"
 SITE = Path(vllm.__file__).resolve().parent.parent  # site-packages of vLLM
-DIFFS = sorted(PATCHES.glob("*.diff"))
+RELEASE = vllm_sink.vllm_release(vllm.__version__)
+VERSION_DIR = PATCHES / ("vllm-{}.{}".format(*RELEASE) if RELEASE else "vllm-none")
+
+
+def diff_set(version_dir: Path) -> list[Path]:
+    """Top-level diffs, each replaced by its copy in version_dir if there is one."""
+    return [
+        version_dir / d.name if (version_dir / d.name).is_file() else d
+        for d in sorted(PATCHES.glob("*.diff"))
+    ]
+
+
+DIFFS = diff_set(VERSION_DIR)
+BY_NAME = {d.name: d for d in DIFFS}
 SINK = {"attention_sink": {"sink": 4, "window": 28}}
 
 
@@ -102,6 +117,20 @@ def git_apply(dest: Path, diff: Path, *flags: str) -> None:
     )
 
 
+def test_per_version_diffs_refresh_a_top_level_one():
+    """patches/vllm-X.Y/ holds only refreshed copies; new diffs start top-level."""
+    versions = sorted(PATCHES.glob("vllm-*/"))
+    assert [v.name for v in versions if v.is_dir()] == ["vllm-0.33"]
+    for version_dir in versions:
+        for diff in sorted(version_dir.glob("*.diff")):
+            assert (PATCHES / diff.name).is_file(), f"{diff}: no top-level diff"
+            assert (
+                header(diff).split("\n")[0]
+                == header(PATCHES / diff.name).split("\n")[0]
+            ), f"{diff}: not the same change as patches/{diff.name}"
+        assert version_dir.name in (PATCHES / "README.md").read_text()
+
+
 def test_diffs_exist():
     assert [d.name for d in DIFFS] == [
         "0001-cli-attention-sink-flags.diff",
@@ -142,7 +171,8 @@ def test_headers_say_what_why_and_which_plugin_code():
         text = header(diff)
         assert len(text.strip().splitlines()) >= 5, f"{diff.name}: header too short"
         assert "Why" in text, f"{diff.name}: header does not say why"
-        assert vllm_sink.SUPPORTED_VLLM in text, diff.name
+        against = "0.32.0" if diff.parent == PATCHES else diff.parent.name[5:]
+        assert f"vLLM {against}" in text, f"{diff.name}: header names no {against}"
         mirrors = re.findall(r"vllm_sink/[\w/]+\.py", text)
         assert mirrors, f"{diff.name}: header names no plugin code"
         for path in mirrors:
@@ -157,7 +187,7 @@ def test_every_monkeypatch_names_an_existing_diff(patches):
     names = {d.name for d in DIFFS}
     for patch in patches:
         assert patch.diff in names, f"{patch.target}: no patches/{patch.diff}"
-        head = header(PATCHES / patch.diff)
+        head = header(BY_NAME[patch.diff])
         mentions = [patch.target]
         if isinstance(patch.owner, type):  # or Class.method, for a method
             mentions.append(f"{patch.owner.__name__}.{patch.name}")
@@ -562,13 +592,13 @@ def test_async_stream_left_between_segments_releases_its_hold(patches):
 
 def test_other_vllm_version_fails_start_up(monkeypatch):
     monkeypatch.delenv(vllm_sink.ALLOW_ENV, raising=False)
-    monkeypatch.setattr(vllm, "__version__", "0.33.0")
+    monkeypatch.setattr(vllm, "__version__", "0.34.0")
     monkeypatch.setattr(vllm_sink, "_registered", False)
     before = installed_patches()
     with pytest.raises(RuntimeError) as error:
         vllm_sink.register()  # what vLLM's plugin loader calls at start-up
     message = str(error.value)
-    assert vllm_sink.SUPPORTED_VLLM in message and "0.33.0" in message
+    assert vllm_sink.SUPPORTED_VLLM in message and "0.34.0" in message
     assert vllm_sink.ALLOW_ENV in message
     assert installed_patches() == before  # refused before patching anything
     readme = (ROOT / "README.md").read_text()

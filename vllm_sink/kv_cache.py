@@ -40,6 +40,17 @@ class SinkWindowSpec(SlidingWindowSpec):
     sink: int
 
     @property
+    def num_retained_tokens(self) -> int:
+        """0: no model runner may null this group's block-table entries.
+
+        vLLM >= 0.33's V2 runners null a ``SlidingWindowSpec`` group's entries
+        below ``num_retained_tokens`` before a step's first position (0 turns
+        that off): that would drop the pinned sink blocks. ``SinkWindowManager``
+        nulls the freed entries itself.
+        """
+        return 0
+
+    @property
     def num_pinned_blocks(self) -> int:
         """Blocks holding the sink tokens, kept for the request's lifetime."""
         return cdiv(self.sink, self.block_size)
@@ -218,6 +229,7 @@ def install() -> None:
         "get_kv_cache_spec",
         reason="decoder attention layers use SinkWindowSpec in sink mode",
         diff="0003-attention-sink-kv-cache-spec.diff",
+        params=("vllm_config",),
     )
     def get_kv_cache_spec(original, self, vllm_config: VllmConfig):
         spec = original(self, vllm_config)

@@ -9,6 +9,8 @@ behaviour unchanged unless the vLLM config in play enables sink mode.
 from __future__ import annotations
 
 import functools
+import importlib
+import inspect
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
@@ -39,6 +41,70 @@ def installed_patches() -> list[Patch]:
     return list(_PATCHES.values())
 
 
+class ReachError(RuntimeError):
+    """A hook target is missing or changed in the installed vLLM."""
+
+
+def _vllm_version() -> str:
+    try:
+        import vllm
+
+        return str(vllm.__version__)
+    except Exception:  # pragma: no cover - vLLM is a dependency
+        return "?"
+
+
+def _reach_error(target: str, problem: str, reason: str) -> ReachError:
+    return ReachError(
+        f"vllm-sink: {target} {problem} in vLLM {_vllm_version()}; the plugin "
+        f"needs it for: {reason}. This vLLM is not one the plugin supports "
+        f"(see vllm_sink.SUPPORTED_VLLM and the README)."
+    )
+
+
+def find_attr(
+    module: str, name: str, *, reason: str, required: bool = True
+) -> Any | None:
+    """``module.name`` (a dotted name inside the module), found by feature.
+
+    Hook targets are looked up by what exists, not by the version string. A
+    missing target fails start-up naming it and why the plugin reaches for it,
+    or gives None with ``required=False`` (a target only some supported
+    versions have).
+    """
+    try:
+        obj: Any = importlib.import_module(module)
+    except ImportError as e:
+        if not required:
+            return None
+        raise _reach_error(module, f"cannot be imported ({e})", reason) from e
+    for part in name.split("."):
+        if not hasattr(obj, part):
+            if not required:
+                return None
+            raise _reach_error(f"{module}.{name}", "does not exist", reason)
+        obj = getattr(obj, part)
+    return obj
+
+
+def _check_params(func: Any, params: tuple[str, ...], target: str, reason: str) -> None:
+    """The wrapped callable must still take the parameters the wrapper uses."""
+    if not params:
+        return
+    try:
+        have = inspect.signature(func).parameters
+    except (TypeError, ValueError) as e:
+        raise _reach_error(target, f"has no readable signature ({e})", reason) from e
+    missing = [p for p in params if p not in have]
+    if missing:
+        raise _reach_error(
+            target,
+            f"has no parameter {', '.join(missing)} (signature {func.__name__}"
+            f"{inspect.signature(func)})",
+            reason,
+        )
+
+
 def wrap_method(
     owner: Any,
     name: str,
@@ -46,19 +112,31 @@ def wrap_method(
     reason: str,
     diff: str,
     kind: str = "method",
+    params: tuple[str, ...] = (),
 ) -> Callable[[Callable[..., Any]], Callable[..., Any]]:
     """Replace ``owner.name`` by the decorated function, once per process.
 
     The decorated function receives the original (unbound) callable as its
     first argument. ``kind`` is "method", "classmethod", "staticmethod",
     "property" (the getter is wrapped) or "function" (``owner`` is a module).
+    ``params``: parameters the original must take (the wrapper reads or passes
+    them by name); a missing target or parameter fails start-up naming it.
     """
 
     def decorate(wrapper: Callable[..., Any]) -> Callable[..., Any]:
         if (owner, name) in _PATCHES:
             return wrapper
+        target = Patch(owner, name, reason, diff).target
         raw = owner.__dict__.get(name)
+        if raw is None and not hasattr(owner, name):
+            raise _reach_error(target, "does not exist", reason)
         original = getattr(owner, name) if raw is None else raw
+        unwrapped = original
+        if isinstance(original, (classmethod, staticmethod)):
+            unwrapped = original.__func__
+        elif isinstance(original, property):
+            unwrapped = original.fget
+        _check_params(unwrapped, params, target, reason)
         if kind == "method":
             func = original
 

@@ -33,6 +33,8 @@ else long. Below ``S+W`` this can differ from plain vLLM started with a
 
 from __future__ import annotations
 
+import logging
+import os
 from dataclasses import dataclass
 
 import torch
@@ -41,6 +43,8 @@ from vllm.model_executor.layers.attention.attention import Attention
 from vllm.model_executor.layers.rotary_embedding.base import RotaryEmbeddingBase
 
 from vllm_sink.config import SinkConfig, SinkConfigError
+
+logger = logging.getLogger("vllm_sink")
 
 
 @dataclass
@@ -244,25 +248,50 @@ def prepare_model(model: nn.Module, cfg: SinkConfig, name: str = "this model") -
 def install() -> None:
     """Prepare the model right after each model runner loads it."""
     from vllm.config import VllmConfig
-    from vllm.v1.worker.cpu_model_runner import CPUModelRunner
-    from vllm.v1.worker.gpu_model_runner import GPUModelRunner
 
     from vllm_sink.config import get_sink_config
-    from vllm_sink.patching import wrap_method
+    from vllm_sink.patching import ReachError, find_attr, wrap_method
 
-    @wrap_method(
-        VllmConfig,
-        "use_v2_model_runner",
-        reason="sink mode runs on the V1 model runner, whose load_model is hooked",
-        diff="0004-rope-skip-in-sink-mode.diff",
-        kind="property",
-    )
-    def use_v2_model_runner(original, self):
-        if get_sink_config(self) is not None:
-            return False
-        return original(self)
+    # Found by feature: the V1 runners (vLLM 0.32, 0.33; gone in 0.34) and the V2
+    # runners (0.32+; in 0.34 the x86 CPUModelRunner is a V2 GPUModelRunner, the
+    # standalone CPU runner serves other CPUs). Sink mode is tested on V1 only:
+    # where V1 exists, use_v2_model_runner is False in sink mode.
+    reason = "sink mode's rotary skip runs after a model runner loads the model"
+    found = [
+        find_attr(module, name, reason=reason, required=False)
+        for module, name in (
+            ("vllm.v1.worker.gpu_model_runner", "GPUModelRunner"),
+            ("vllm.v1.worker.cpu_model_runner", "CPUModelRunner"),
+            ("vllm.v1.worker.gpu.model_runner", "GPUModelRunner"),
+            ("vllm.v1.worker.cpu.standalone_model_runner", "StandaloneCPUModelRunner"),
+        )
+    ]
+    runners = [r for r in found if r is not None and "load_model" in vars(r)]
+    if found[0] is None or found[1] is None:
+        message = (
+            "vllm-sink: this vLLM has no V1 model runner (vllm.v1.worker."
+            "gpu_model_runner / cpu_model_runner, removed in vLLM 0.34); the plugin "
+            "is tested on the V1 runners only (see the README's supported versions)."
+        )
+        if os.environ.get("VLLM_SINK_ALLOW_ANY_VLLM", "") != "1":
+            raise ReachError(message)
+        logger.warning("%s Going on with the V2 runners (untested).", message)
 
-    for runner in (GPUModelRunner, CPUModelRunner):
+    if hasattr(VllmConfig, "use_v2_model_runner"):  # vLLM < 0.34
+
+        @wrap_method(
+            VllmConfig,
+            "use_v2_model_runner",
+            reason="sink mode runs on the V1 model runner (tested there)",
+            diff="0004-rope-skip-in-sink-mode.diff",
+            kind="property",
+        )
+        def use_v2_model_runner(original, self):
+            if get_sink_config(self) is not None:
+                return False
+            return original(self)
+
+    for runner in runners:
 
         @wrap_method(
             runner,

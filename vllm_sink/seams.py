@@ -315,15 +315,21 @@ def install() -> None:
         "get_computed_blocks",
         reason="seams: a seam request's hit is its seed",
         diff=diff,
+        params=("request",),
     )
-    def get_computed_blocks(original, self, request):
+    def get_computed_blocks(original, self, request, *args, **kwargs):
+        # vLLM 0.33 added max_cache_hit_length (an upper bound on the hit):
+        # passed through, and honoured below.
         marker = SeamMarker.of(request)
         cap = None if marker is None else marker.cap_tokens
         if cap is None or not self.prefix_cache_lookup_enabled(request):
-            return original(self, request)
+            return original(self, request, *args, **kwargs)
         # Look up to the seed's end, not trim a longer hit: a longer hit's gap
         # (null blocks) can cover the seed's window blocks.
         limit = min(cap, request.num_tokens - 1)
+        bound = kwargs.get("max_cache_hit_length", args[0] if args else None)
+        if bound is not None:
+            limit = min(limit, bound)
         groups, num_tokens, _ = self.coordinator.find_longest_cache_hit(
             request.block_hashes, limit
         )

@@ -23,6 +23,7 @@ def install() -> None:
         kind="classmethod",
         reason="the CPU platform ignores the selected backend; honour CUSTOM",
         diff="0005-cpu-platform-custom-backend.diff",
+        params=("selected_backend",),
     )
     def get_attn_backend_cls(original, selected_backend, *args, **kwargs):
         if selected_backend == AttentionBackendEnum.CUSTOM:
