@@ -97,6 +97,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         "--rss-slope", type=float, default=10.0, help="bound, MiB/min, second half"
     )
     p.add_argument("--drain-timeout", type=float, default=120.0)
+    p.add_argument(
+        "--idle-timeout",
+        type=float,
+        default=60.0,
+        help="seconds to wait for KV usage 0 after the load",
+    )
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--port", type=int, default=0)
     p.add_argument("--log", type=Path, default=None, help="server log file")
@@ -574,7 +580,7 @@ async def drive(args, server: Server, stats: Stats, tiny: bool) -> dict:
     load_end = stats.now()
     # Idle: every block back (the engine core flushes its gauge every 0.2 s).
     final: dict[str, float] = {}
-    deadline = time.perf_counter() + 60
+    deadline = time.perf_counter() + args.idle_timeout
     while time.perf_counter() < deadline:
         final = await scrape(load.http, server.base)
         idle = final.get("vllm:num_requests_running", 1) == 0
