@@ -1,7 +1,7 @@
 """Soak the OpenAI server in sink mode: many clients, a small KV pool, faults.
 
     python benchmarks/server_soak.py [--model tiny|smollm2|DIR] [--duration 300]
-        [--clients 32] [--num-blocks 48] [--every 5] [--replays 20]
+        [--clients 32] [--num-blocks 128] [--every 5] [--replays 20]
         [--json out.json] [--png out.png]
 
 Starts ``vllm serve`` on 127.0.0.1 in sink mode with a KV pool small enough that
@@ -72,9 +72,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--max-model-len", type=int, default=128)
     p.add_argument("--block-size", type=int, default=16)
     p.add_argument("--max-num-seqs", type=int, default=16)
-    p.add_argument("--max-num-batched-tokens", type=int, default=256)
+    p.add_argument("--max-num-batched-tokens", type=int, default=64)
     p.add_argument(
-        "--num-blocks", type=int, default=48, help="KV pool (--num-gpu-blocks-override)"
+        "--num-blocks",
+        type=int,
+        default=128,
+        help="KV pool (--num-gpu-blocks-override)",
     )
     p.add_argument("--long-tokens", type=int, nargs=2, default=(150, 700))
     p.add_argument("--disconnect", type=float, default=0.10)
