@@ -140,6 +140,7 @@ def test_diffs_exist():
         "0005-cpu-platform-custom-backend.diff",
         "0006-streams-past-max-model-len.diff",
         "0007-stream-seams.diff",
+        "0008-plugin-held-blocks.diff",
         "0009-stop-strings-across-seams.diff",
     ]
 

@@ -69,6 +69,7 @@ def register() -> None:
         cli,
         config,
         kv_cache,
+        pressure,
         rope,
         seams,
         stream_engines,
@@ -81,6 +82,7 @@ def register() -> None:
     rope.install()
     attention.install()
     seams.install()
+    pressure.install()
     stream_limits.install()
     stream_engines.install()
     _registered = True

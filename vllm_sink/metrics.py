@@ -41,6 +41,7 @@ class EngineStats:
     def __init__(self) -> None:
         self.freed_blocks = 0
         self.pinned_blocks = 0
+        self.released_holds = 0
         self._dirty = threading.Event()
         self._thread: threading.Thread | None = None
 
@@ -48,12 +49,20 @@ class EngineStats:
         if freed or pinned != self.pinned_blocks:
             self.freed_blocks += freed
             self.pinned_blocks = pinned
-            self._dirty.set()
-            if self._thread is None:
-                self._thread = threading.Thread(
-                    target=self._flush_loop, name="vllm-sink-metrics", daemon=True
-                )
-                self._thread.start()
+            self._changed()
+
+    def count_released(self) -> None:
+        """A block hold given back under pool pressure (``pressure.py``)."""
+        self.released_holds += 1
+        self._changed()
+
+    def _changed(self) -> None:
+        self._dirty.set()
+        if self._thread is None:
+            self._thread = threading.Thread(
+                target=self._flush_loop, name="vllm-sink-metrics", daemon=True
+            )
+            self._thread.start()
 
     def _flush_loop(self) -> None:
         while True:
@@ -69,7 +78,13 @@ class EngineStats:
         path = Path(directory) / f"engine-{os.getpid()}.json"
         tmp = path.with_suffix(".tmp")
         tmp.write_text(
-            json.dumps({"freed": self.freed_blocks, "pinned": self.pinned_blocks})
+            json.dumps(
+                {
+                    "freed": self.freed_blocks,
+                    "pinned": self.pinned_blocks,
+                    "released": self.released_holds,
+                }
+            )
         )
         os.replace(tmp, path)
 
@@ -81,7 +96,7 @@ class SinkCollector:
     """Reads the engine-core files at scrape time."""
 
     def collect(self):
-        freed = pinned = 0
+        freed = pinned = released = 0
         directory = os.environ.get(DIR_ENV)
         if directory and os.path.isdir(directory):
             for path in Path(directory).glob("engine-*.json"):
@@ -91,6 +106,7 @@ class SinkCollector:
                     continue
                 freed += data.get("freed", 0)
                 pinned += data.get("pinned", 0)
+                released += data.get("released", 0)
         yield CounterMetricFamily(
             "vllm:sink_window_freed_blocks",
             "KV blocks returned to the pool by sink-window eviction.",
@@ -100,6 +116,13 @@ class SinkCollector:
             "vllm:sink_pinned_blocks",
             "KV blocks pinned for sink tokens by running requests.",
             value=pinned,
+        )
+        yield CounterMetricFamily(
+            "vllm:sink_seed_holds_released",
+            "Block holds kept for a stream's next segment that were given back "
+            "because no waiting request could be scheduled (the segment then "
+            "recomputes what the pool no longer caches).",
+            value=released,
         )
         yield CounterMetricFamily(
             "vllm:sink_rollovers",
