@@ -6,7 +6,8 @@ while that next segment is being added (a disconnect or a client timeout in the
 server: the cancellation lands in ``AsyncLLM.add_request``), vLLM sends no abort
 (it has no queue for the request yet) and the hold stays: the blocks leak. Found
 by ``benchmarks/server_soak.py`` (KV usage 21% after the load ended, the pinned
-gauge at 0). Here the cancellation is made to land exactly there.
+gauge at 0); the front-end now drops the hold (``EngineCore.sink_release``). Here
+the cancellation is made to land exactly there.
 """
 
 from __future__ import annotations
@@ -19,11 +20,6 @@ from vllm import SamplingParams
 SINK, WINDOW, MAX_LEN = 4, 20, 128
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="issue 20 (b): a stream ending between segments leaks its seam hold; "
-    "being fixed in vllm_sink/stream_engines.py",
-)
 def test_cancel_while_the_next_segment_is_added_frees_the_hold(tiny_llama, monkeypatch):
     from vllm.engine.arg_utils import AsyncEngineArgs
     from vllm.v1.engine.async_llm import AsyncLLM
