@@ -26,10 +26,13 @@ Hook (engine core): ``Scheduler.schedule`` through ``patching``;
 
 from __future__ import annotations
 
+import logging
 from typing import Any
 
 from vllm_sink.metrics import engine_stats
 from vllm_sink.seams import stream_key
+
+logger = logging.getLogger("vllm.vllm_sink.pressure")  # under vLLM's handler
 
 
 def _head(scheduler: Any) -> Any:
@@ -40,7 +43,7 @@ def _head(scheduler: Any) -> Any:
     return None
 
 
-def release_one(holds: Any, keep: set[str]) -> bool:
+def release_one(holds: Any, keep: set[str]) -> str | None:
     """Give one hold's blocks back (newest first, not those in ``keep``).
 
     The hold's hashes stay, so the segment that continues it still re-chains
@@ -52,8 +55,8 @@ def release_one(holds: Any, keep: set[str]) -> bool:
             continue
         holds.held[key] = {}
         holds.pool.free_blocks(b for row in blocks.values() for b in row)
-        return True
-    return False
+        return key
+    return None
 
 
 def promote_seeded(scheduler: Any, holds: Any) -> bool:
@@ -89,8 +92,10 @@ def relieve(scheduler: Any) -> str | None:
     if promote_seeded(scheduler, holds):
         return "promoted"
     own = {head.request_id, "stream:" + stream_key(head.request_id)}
-    if release_one(holds, own) or release_one(holds, set()):
+    key = release_one(holds, own) or release_one(holds, set())
+    if key:
         engine_stats.count_released()
+        logger.info("vllm-sink: gave back seam hold %s (nothing fit the pool)", key)
         return "released"
     return None
 
