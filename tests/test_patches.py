@@ -572,7 +572,11 @@ def test_async_stream_left_between_segments_releases_its_hold(patches):
     async def call_utility_async(name, *args):
         fake.calls.append(("utility", name, *args))
 
+    async def abort(request_id, internal=False):
+        fake.calls.append(("abort", request_id))
+
     fake.add_request = add_request
+    fake.abort = abort
     fake.engine_core.call_utility_async = call_utility_async
 
     async def leave_after_first_output():
@@ -586,6 +590,8 @@ def test_async_stream_left_between_segments_releases_its_hold(patches):
     assert not first.finished and len(first.outputs[0].token_ids) == 88
     assert fake.calls[-1] == ("utility", "sink_release", "r1")
     assert [c for c in fake.calls if c[0] == "add_request"] == [("add_request", "r1")]
+    # what may still run is aborted before the release, never after it
+    assert fake.calls[-2][0] == "abort"
 
 
 # the version guard -----------------------------------------------------------

@@ -29,9 +29,11 @@ a seam never misses:
 - seed hold (the segment's engine id): at ``add_request`` the next segment takes
   the stream hold and keeps the pinned blocks and ``[k0, hb)`` until it ends,
   so a preempted seam request always resumes from its seed;
-- an abort of any segment of the stream drops both, and the front-end drops the
-  stream hold (utility ``EngineCore.sink_release``) when a stream ends between
-  two segments (its client left, or the next segment was refused).
+- an abort of any segment of the stream drops both (also one landing just after
+  its segment ended capped: the hold remembers the segment that made it), and
+  the front-end drops the stream hold (utility ``EngineCore.sink_release``) when
+  a stream ends early, after aborting what still runs of it (its client left,
+  the next segment was refused, or a segment marked to hold ended early).
 
 Hooks (engine core, all through ``patching``; ``patches/0007-stream-seams.diff``):
 ``Scheduler.add_request`` (re-chain, take the hold), ``Scheduler._free_request``
@@ -128,6 +130,7 @@ class Holds:
         )
         self.held: dict[str, dict[int, Any]] = {}  # key -> stream block -> blocks
         self.hashes: dict[str, dict[int, Any]] = {}  # key -> stream block -> hash
+        self.made_by: dict[str, str] = {}  # stream hold key -> segment that made it
 
     # -- making holds -------------------------------------------------------
 
@@ -150,7 +153,9 @@ class Holds:
             _stream_block(i, self.pinned, shift): h
             for i, h in enumerate(request.block_hashes)
         }
-        self._hold("stream:" + marker.stream, blocks, hashes)
+        key = "stream:" + marker.stream
+        self._hold(key, blocks, hashes)
+        self.made_by[key] = request.request_id
 
     def lookup(self, key: str, token_ids: list[int]) -> tuple[int, int]:
         """Longest exact hit on a stream prefix, held for its next segment.
@@ -179,6 +184,7 @@ class Holds:
         """Re-chain a segment's hashes and turn the stream hold into its seed hold."""
         key = "stream:" + marker.stream
         blocks, hashes = self.held.pop(key, None), self.hashes.pop(key, {})
+        self.made_by.pop(key, None)
         k0 = marker.first_block
         if k0 > self.pinned:
             if blocks is None or k0 - 1 not in hashes:
@@ -205,6 +211,7 @@ class Holds:
     def release(self, key: str) -> None:
         blocks = self.held.pop(key, None)
         self.hashes.pop(key, None)
+        self.made_by.pop(key, None)
         if blocks:
             self.pool.free_blocks(b for row in blocks.values() for b in row)
 
@@ -246,12 +253,20 @@ def _stream_block(engine_block: int, pinned: int, shift: int) -> int:
     return engine_block if engine_block < pinned else engine_block + shift
 
 
-def _stream_of(scheduler: Any, request_id: str) -> str:
-    """The stream an aborted engine id belongs to: a live request names it in its
-    marker (vLLM suffixes the ids it schedules); otherwise the id is the stream's
-    or a segment's id as the front-end made it."""
+def stream_hold_of(scheduler: Any, request_id: str) -> str:
+    """The stream hold an aborted engine id may own. vLLM suffixes the ids it
+    schedules, so the id alone does not name the stream: a live request names it
+    in its marker, and a finished one that left a hold is remembered with it (an
+    abort can arrive after its segment ended capped). Otherwise the id is the
+    stream's or a segment's id as the front-end made it."""
     marker = SeamMarker.of(scheduler.requests.get(request_id))
-    return marker.stream if marker is not None else stream_key(request_id)
+    if marker is not None:
+        return "stream:" + marker.stream
+    holds = scheduler.__dict__.get("_sink_holds")
+    for key, maker in (holds.made_by if holds else {}).items():
+        if maker == request_id:
+            return key
+    return "stream:" + stream_key(request_id)
 
 
 def _sink_spec(scheduler: Any) -> Any:
@@ -307,7 +322,7 @@ def install() -> None:
         if holds is not None and finished_status == RequestStatus.FINISHED_ABORTED:
             ids = [request_ids] if isinstance(request_ids, str) else request_ids
             for request_id in list(ids or ()):
-                holds.release("stream:" + _stream_of(self, request_id))
+                holds.release(stream_hold_of(self, request_id))
         return original(self, request_ids, finished_status)
 
     @wrap_method(

@@ -70,9 +70,24 @@ def _lookup(engine: Any, stream: Stream) -> None:
 
 
 def _release(engine: Any, stream: Stream) -> None:
-    """Drop the blocks held for a stream that will not be continued."""
-    if stream.reuse:
+    """Drop the blocks the engine core may hold for a stream that ends."""
+    if stream.may_be_held:
         _utility(engine, "sink_release", stream.request_id)
+
+
+async def _end_async(engine: Any, stream: Stream, outputs: Any) -> None:
+    """Stop what still runs of a stream that ends, then drop its holds. In that
+    order: a segment still running when the release lands could end capped after
+    it and hold again (the caller left while an output was handed over: vLLM's
+    abort then waits until the segment's generator is collected)."""
+    if not stream.may_be_held:
+        return
+    if outputs is not None:
+        await outputs.aclose()  # vLLM aborts the segment it still serves
+    if not stream.done and stream.current is not None:
+        # one cancelled while being added has no queue, so vLLM sends no abort
+        await engine.abort(stream.current.engine_id)
+    await engine.engine_core.call_utility_async("sink_release", stream.request_id)
 
 
 def _tokenizer(engine: Any) -> Any:
@@ -143,6 +158,7 @@ def install() -> None:
                 original_add(self, table.advance(stream), stream)
             elif stream.done:
                 table.finish(stream)
+                _release(self, stream)
             if user is not None:
                 result.append(user)
         return result
@@ -185,25 +201,25 @@ def install() -> None:
         return _generate_stream(original, self, stream, args, kwargs)
 
     async def _generate_stream(original, engine, stream: Stream, args, kwargs):
-        core = engine.engine_core
-        if wants_lookup(stream):
-            found = await core.call_utility_async(
-                "sink_lookup", stream.request_id, stream.prompt_ids
-            )
-            continue_cached(stream, tuple(found))
-        table = _table(engine)
-        segment = table.start(stream)
+        table, outputs = _table(engine), None
         try:
+            if wants_lookup(stream):
+                found = await engine.engine_core.call_utility_async(
+                    "sink_lookup", stream.request_id, stream.prompt_ids
+                )
+                continue_cached(stream, tuple(found))
+            segment = table.start(stream)
             while True:
                 roll = False
-                async for out in original(
+                outputs = original(
                     engine,
                     stream.engine_input(segment),
                     segment.params,
                     segment.engine_id,
                     *args,
                     **kwargs,
-                ):
+                )
+                async for out in outputs:
                     user, roll = stream.accept(out)
                     if user is not None:
                         yield user
@@ -213,8 +229,7 @@ def install() -> None:
                 segment = table.advance(stream)
         finally:
             table.finish(stream)
-            if not stream.done and stream.reuse:  # left between segments, or refused
-                await core.call_utility_async("sink_release", stream.request_id)
+            await _end_async(engine, stream, outputs)
 
     @wrap_method(AsyncLLM, "abort", reason="streams past max_model_len", diff=diff)
     async def abort(original, self, request_id, *args, **kwargs):

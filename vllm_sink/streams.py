@@ -52,6 +52,7 @@ class Segment:
     prefill_only: bool  # feeds prompt tokens; its sampled token is dropped
     params: SamplingParams
     offset: int  # stream tokens (prompt + generated) before this segment's new ones
+    hold: bool = False  # the engine core keeps its blocks if it ends capped
 
     def stream_position(self, num_computed_tokens: int) -> int:
         """Stream tokens processed once this segment computed that many tokens."""
@@ -121,6 +122,16 @@ class Stream:
     def can_continue_cached(self) -> bool:
         """Whether a cached stream may be looked up for this prompt."""
         return self.reuse and self.params.prompt_logprobs is None and not self.hidden
+
+    @property
+    def may_be_held(self) -> bool:
+        """Whether the engine core may hold blocks for this stream now that it
+        ends: it ended between or inside segments, or its last segment (marked
+        to hold) ended early, where the core may have capped it first (a stop
+        string found by the front-end, an abort arriving late)."""
+        if not self.reuse:
+            return False
+        return not self.done or (self.current is not None and self.current.hold)
 
     def continue_from(self, first_block: int, hit_blocks: int) -> None:
         """Start after ``hit_blocks`` prompt blocks the engine holds (sink_lookup)."""
@@ -205,7 +216,7 @@ class Stream:
         self.segments += 1
         engine_id = f"{self.request_id}{suffix}"
         self.current = Segment(
-            engine_id, prompt, len(seed), prefill_only, params, offset
+            engine_id, prompt, len(seed), prefill_only, params, offset, marker.hold
         )
         self.seg_tokens, self.seg_text, self.seg_logprobs = [], "", []
         self.seg_cumulative = None
