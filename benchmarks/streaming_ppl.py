@@ -5,7 +5,7 @@
 
 The whole stream is ONE prompt with ``prompt_logprobs=0``: in sink mode vLLM streams
 it with the Λ-shaped mask, so the prompt logprobs are the streaming log-likelihoods
-(DESIGN.md §1). Methods (rows), all on the same token ids:
+(docs/architecture.md §1). Methods (rows), all on the same token ids:
 
 - ``dense``: plain vLLM inside the model's context (first ``context`` tokens).
 - ``dense-long``: plain vLLM past the context (``VLLM_ALLOW_LONG_MAX_MODEL_LEN=1``).

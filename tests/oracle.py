@@ -1,4 +1,4 @@
-"""Independent StreamingLLM reference (DESIGN.md sections 1 and 4).
+"""Independent StreamingLLM reference (docs/architecture.md §1).
 
 Written with transformers + torch only, never vLLM. The oracle decodes one token at a
 time. Per layer it keeps a cache of PRE-RoPE keys and values: the first ``S`` tokens
@@ -515,7 +515,7 @@ def _load(
 
 
 def visible_set(t: int, sink: int, window: int) -> list[int]:
-    """``V(t)`` of DESIGN.md section 1, in increasing order (for tests and docs)."""
+    """``V(t)`` of docs/architecture.md §1, in increasing order (for tests and docs)."""
     sinks = range(min(sink, t + 1))
     start = max(sink, t - window + 1)
     return [*sinks, *range(start, t + 1)]

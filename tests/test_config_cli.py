@@ -92,6 +92,44 @@ def test_hook_targets_are_found_by_feature():
     assert Owner().method(1) == 1  # nothing was replaced
 
 
+def test_a_wrapped_callable_changed_in_vllm_fails_start_up(monkeypatch):
+    """With VLLM_SINK_ALLOW_ANY_VLLM=1 a vLLM whose hook target changed fails at
+    start-up naming the patch, not later with wrong arguments."""
+    from vllm_sink import patching
+
+    class Owner:
+        def method(self, request, *, budget=3):
+            return request
+
+    target = f"{Owner.__module__}.{Owner.__qualname__}.method"
+    assert patching.signature_of(Owner.method) == "(self, request, *, budget=)"
+    monkeypatch.setattr(
+        patching, "_tested_signatures", lambda: {target: ["(self, request)"]}
+    )
+    with pytest.raises(
+        patching.ReachError,
+        match=r"signature \(self, request, \*, budget=\), not one the plugin is "
+        r"tested with \(\(self, request\)\); patches/0007-x\.diff needs porting",
+    ):
+        patching.wrap_method(Owner, "method", reason="r", diff="0007-x.diff")(
+            lambda original, *a: original(*a)
+        )
+    assert Owner().method(1) == 1  # nothing was replaced
+
+
+def test_every_hook_target_is_recorded_as_tested():
+    """The installed vLLM's hook targets are the ones signatures.json records
+    (start-up checks each one against it)."""
+    from vllm_sink import patching
+
+    vllm_sink.register()
+    tested = patching._tested_signatures()
+    wrapped = [p for p in patching.installed_patches() if not p.added]
+    assert len(wrapped) >= 20
+    for patch in wrapped:
+        assert patch.target in tested, patch.target
+
+
 def test_register_is_idempotent():
     from vllm_sink.patching import installed_patches
 
@@ -228,3 +266,42 @@ print("LOADED", vllm_sink._registered)
     (with_plugin, loaded), (without_plugin, not_loaded) = outputs
     assert (loaded, not_loaded) == ("True", "False")
     assert with_plugin == without_plugin
+
+
+def test_every_rotary_fusion_pass_is_switched_off_even_renamed():
+    """Sink mode rotates keys at read: a pass fusing rotary into the KV write
+    would rotate them twice. Found by name, so a renamed pass is caught too."""
+    from types import SimpleNamespace
+
+    from vllm.config import PassConfig
+
+    from vllm_sink.engine_config import switch_off_rope_fusion
+
+    passes = PassConfig()
+    switched = switch_off_rope_fusion(passes)
+    assert {"fuse_rope_kvcache", "fuse_qk_norm_rope_kvcache"} <= set(switched)
+    assert passes.fuse_rope_kvcache is False
+    assert passes.rope_kvcache_fusion_max_token_num == 256  # a size, not a switch
+    renamed = SimpleNamespace(fuse_rope_into_attention=True, fuse_act_quant=True)
+    assert switch_off_rope_fusion(renamed) == ["fuse_rope_into_attention"]
+    assert renamed.fuse_rope_into_attention is False and renamed.fuse_act_quant
+    with pytest.raises(SinkConfigError, match="no rotary-fusion switch"):
+        switch_off_rope_fusion(SimpleNamespace(fuse_act_quant=True))
+
+
+def test_kv_pool_too_small_names_the_sink_mode_fix(tiny_llama):
+    """vLLM's advice (decrease max_model_len) is wrong in sink mode, where the
+    chunk size bounds a request: the error names --max-num-batched-tokens and a
+    value that fits, and that value starts."""
+    small = dict(max_model_len=8192, block_size=32, num_gpu_blocks_override=16)
+    with pytest.raises(SinkConfigError) as error:
+        make_llm(tiny_llama, 4, 64, max_num_batched_tokens=4096, **small)
+    message = str(error.value)
+    assert "max_model_len does not bound a sink-mode request" in message
+    assert "estimated maximum model length" not in message
+    fit = int(message.split("--max-num-batched-tokens ")[-1].split()[0])
+    assert fit == (16 - 1 - 1 - 2) * 32 - 63  # pool - null - sink - 2, less W-1
+    llm = make_llm(tiny_llama, 4, 64, max_num_batched_tokens=fit, **small)
+    from conftest import shutdown
+
+    shutdown(llm)

@@ -6,6 +6,7 @@ import pytest
 from conftest import make_llm, shutdown
 from vllm import SamplingParams
 
+from vllm_sink.metrics import engine_stats
 from vllm_sink.tiny_models import make_tiny_model
 
 BLOCK = 16
@@ -38,7 +39,8 @@ def test_streams_far_beyond_the_pool_keep_kv_usage_flat(tiny_llama):
     )
     for i in range(2):
         engine.add_request(f"s{i}", {"prompt_token_ids": list(range(3, 13))}, params)
-    usage, finished, steps = [], {}, 0
+    usage, pinned, finished, steps = [], [], {}, 0
+    pinned_before = engine_stats.pinned_blocks  # a running total per process
     try:
         while engine.has_unfinished_requests():
             for out in engine.step():
@@ -47,9 +49,12 @@ def test_streams_far_beyond_the_pool_keep_kv_usage_flat(tiny_llama):
             steps += 1
             if steps % 64 == 0:
                 usage.append(kv_usage(llm))
+                pinned.append(engine_stats.pinned_blocks - pinned_before)
     finally:
         shutdown(llm)
     assert finished == {"s0": STREAM_TOKENS - 10, "s1": STREAM_TOKENS - 10}
+    assert set(pinned) == {2}  # one sink block per stream
+    assert engine_stats.pinned_blocks == pinned_before  # both freed
     after_fill = usage[4:-2]  # the window is full after 64 steps
     print(
         f"KV usage: start {usage[0]:.3f} end {after_fill[-1]:.3f} "

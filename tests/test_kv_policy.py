@@ -167,6 +167,19 @@ def test_spec_conversion_and_narrow_sliding_window():
         sink_spec_from(narrow, SinkConfig(sink=4, window=60))
 
 
+@pytest.mark.parametrize(
+    "setting", [{"attention_chunk_size": 128}, {"non_causal": True}]
+)
+def test_spec_setting_sink_mode_cannot_honour_is_refused(setting):
+    """Not dropped silently: a chunked-local or non-causal layer is refused."""
+    spec = FullAttentionSpec(
+        block_size=16, num_kv_heads=2, head_size=32, dtype=torch.float32, **setting
+    )
+    (name,) = setting
+    with pytest.raises(SinkConfigError, match=f"cannot honour .*{name}="):
+        sink_spec_from(spec, SinkConfig(sink=4, window=60))
+
+
 def make_cached_manager(sink: int, window: int, num_blocks: int):
     """vLLM's KVCacheManager, prefix caching on, over one SinkWindowSpec group."""
     from vllm.utils.hashing import get_hash_fn_by_name

@@ -142,6 +142,7 @@ def test_diffs_exist():
         "0007-stream-seams.diff",
         "0008-plugin-held-blocks.diff",
         "0009-stop-strings-across-seams.diff",
+        "0010-kv-memory-advice.diff",
     ]
 
 

@@ -67,7 +67,7 @@ def register() -> None:
     from vllm_sink import (
         attention,
         cli,
-        config,
+        engine_config,
         kv_cache,
         pressure,
         rope,
@@ -77,7 +77,7 @@ def register() -> None:
     )
 
     cli.install()
-    config.install()
+    engine_config.install()
     kv_cache.install()
     rope.install()
     attention.install()

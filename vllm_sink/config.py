@@ -1,20 +1,20 @@
-"""Sink-mode configuration: what the user asked for, validated at start-up.
+"""Sink-mode configuration: the value type and its validation.
 
 The configuration travels to every vLLM process inside
 ``VllmConfig.additional_config["attention_sink"] = {"sink": S, "window": W}``
 (pickled with the config), so every process reads it from there and nowhere else.
+Where vLLM builds its config (checks against the model, what sink mode switches
+off) is ``engine_config``.
 """
 
 from __future__ import annotations
 
-import logging
 from dataclasses import asdict, dataclass
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
     from vllm.config import VllmConfig
 
-logger = logging.getLogger("vllm_sink")
 
 CONFIG_KEY = "attention_sink"
 
@@ -192,158 +192,3 @@ def current_sink_config() -> SinkConfig | None:
     from vllm.config import get_current_vllm_config_or_none
 
     return get_sink_config(get_current_vllm_config_or_none())
-
-
-def check_model(cfg: SinkConfig, vllm_config: VllmConfig) -> None:
-    """Refuse models and settings sink mode cannot serve (DESIGN.md §3)."""
-    model_config = vllm_config.model_config
-    name = model_config.model
-    hf = model_config.hf_text_config
-    max_pos = getattr(hf, "max_position_embeddings", None)
-    if max_pos is not None and cfg.span > max_pos:
-        raise SinkConfigError(
-            f"--attention-sink {cfg.sink} + --window {cfg.window} = {cfg.span} "
-            f"exceeds {name}'s max_position_embeddings ({max_pos}): rotary "
-            "positions in sink mode go up to sink+window-1. Fix: choose "
-            f"--window {max(1, max_pos - cfg.sink)} or smaller."
-        )
-    layer_types = sorted(set(getattr(hf, "layer_types", None) or ()))
-    refusals = [
-        (model_config.uses_mrope, "multimodal rotary embeddings (mrope)"),
-        (model_config.use_mla, "multi-head latent attention (MLA)"),
-        (model_config.is_hybrid, "hybrid attention/mamba layers"),
-        (model_config.is_attention_free, "no attention layers"),
-        (
-            len(layer_types) > 1,
-            f"hybrid local/global attention layers (Gemma 3 style: {layer_types}), "
-            "not supported yet",
-        ),
-        (vllm_config.speculative_config is not None, "speculative decoding"),
-    ]
-    for refused, what in refusals:
-        if refused:
-            raise SinkConfigError(
-                f"Sink mode (--attention-sink/--window) does not support {what} "
-                f"({name}). Fix: drop --attention-sink/--window, or use a decoder "
-                "model with standard rotary embeddings (Llama, Mistral, Qwen2, "
-                "GPT-NeoX, ...) without speculative decoding."
-            )
-    vocab = model_config.get_vocab_size()
-    if cfg.sink_token_id is not None and cfg.sink_token_id >= vocab:
-        raise SinkConfigError(
-            f"--sink-token-id {cfg.sink_token_id} is outside {name}'s vocabulary "
-            f"(size {vocab}). Fix: pass the id of the model's sink/placeholder token."
-        )
-    _check_room_for_seeds(cfg, vllm_config)
-    sliding = model_config.get_sliding_window()
-    if sliding is not None and sliding < cfg.span:
-        raise SinkConfigError(
-            f"{name} has built-in sliding-window layers of {sliding} tokens, "
-            f"narrower than --attention-sink + --window = {cfg.span}. Fix: choose "
-            f"--window {max(1, sliding - cfg.sink)} or smaller."
-        )
-
-
-def _check_room_for_seeds(cfg: SinkConfig, vllm_config: VllmConfig) -> None:
-    """Warn when requests past max_model_len will be refused (see streams)."""
-    from vllm_sink.seams import largest_seed
-
-    block_size = vllm_config.cache_config.block_size or 16
-    seed = largest_seed(cfg.sink, cfg.window, block_size)
-    max_len = vllm_config.model_config.max_model_len
-    if max_len < seed + 2:
-        logger.warning(
-            "vllm-sink: --max-model-len %d is too short to continue a stream past "
-            "it (a continuation starts with up to %d cached tokens); such requests "
-            "will be refused. Fix: --max-model-len %d or more, or a smaller "
-            "--window.",
-            max_len,
-            seed,
-            2 * (seed + 2),
-        )
-
-
-def apply_to_vllm_config(cfg: SinkConfig, vllm_config: VllmConfig) -> None:
-    """Switch off what would bypass or contradict sink attention."""
-    passes = vllm_config.compilation_config.pass_config
-    # These passes fuse rotary into the KV-cache write or q/k-norm; sink mode
-    # rotates at read, so a fused rotary would silently rotate keys twice.
-    for name in (
-        "fuse_rope_kvcache",
-        "fuse_qk_norm_rope_kvcache",
-        "enable_qk_norm_rope_fusion",
-    ):
-        if getattr(passes, name, None):
-            setattr(passes, name, False)
-    model_config = vllm_config.model_config
-    # Not through pydantic's assignment validation, which would coerce to int.
-    object.__setattr__(
-        model_config, "max_model_len", SinkModelLen(model_config.max_model_len)
-    )
-    logger.info(
-        "vllm-sink: sink mode on: %d sink tokens + %d-token window "
-        "(rotary positions stay below %d).",
-        cfg.sink,
-        cfg.window,
-        cfg.span,
-    )
-
-
-def _max_model_len_beyond_model(engine_args: Any) -> bool:
-    return bool(engine_args.max_model_len) and engine_args.max_model_len > 0
-
-
-def _clear_vllm_env_cache() -> None:
-    """vLLM caches env reads once an engine runs; drop them so ours are seen."""
-    import vllm.envs as envs
-
-    if envs._is_envs_cache_enabled():
-        envs.__getattr__.cache_clear()
-
-
-def install() -> None:
-    """Validate and apply sink mode wherever vLLM builds its config."""
-    import os
-
-    from vllm.engine.arg_utils import EngineArgs
-
-    from vllm_sink.patching import wrap_method
-
-    @wrap_method(
-        EngineArgs,
-        "create_engine_config",
-        reason="validate sink mode and switch off what contradicts it",
-        diff="0002-engine-config-sink-mode.diff",
-    )
-    def create_engine_config(original, self, *args, **kwargs):
-        extra = (
-            self.additional_config if isinstance(self.additional_config, dict) else {}
-        )
-        if extra.get(CONFIG_KEY) is None:
-            return original(self, *args, **kwargs)
-        cfg = SinkConfig.from_value(extra[CONFIG_KEY])
-        self.additional_config = {**extra, CONFIG_KEY: cfg.to_dict()}
-        if self.attention_backend is None:
-            # CUSTOM is this plugin's backend (registered by register()).
-            self.attention_backend = "CUSTOM"
-        # Positions stay below S+W in sink mode, so a max_model_len beyond the
-        # model's context is sound here (vLLM refuses it by default).
-        key = "VLLM_ALLOW_LONG_MAX_MODEL_LEN"
-        saved = os.environ.get(key)
-        if _max_model_len_beyond_model(self):
-            os.environ[key] = "1"
-        try:
-            _clear_vllm_env_cache()
-            vllm_config = original(self, *args, **kwargs)
-        finally:
-            if saved is None:
-                os.environ.pop(key, None)
-            else:
-                os.environ[key] = saved
-            _clear_vllm_env_cache()
-        check_model(cfg, vllm_config)
-        apply_to_vllm_config(cfg, vllm_config)
-        from vllm_sink import metrics
-
-        metrics.start_front_end(cfg)
-        return vllm_config

@@ -8,13 +8,14 @@ in every process that manages blocks.
 
 from __future__ import annotations
 
-from dataclasses import dataclass, fields
+from dataclasses import MISSING, dataclass, fields
 from typing import TYPE_CHECKING
 
 from vllm.utils.math_utils import cdiv
 from vllm.v1.core.kv_cache_utils import resolve_block_hashes
 from vllm.v1.core.single_type_kv_cache_manager import FullAttentionManager
 from vllm.v1.kv_cache_interface import (
+    AttentionSpec,
     FullAttentionSpec,
     KVCacheSpec,
     SlidingWindowSpec,
@@ -97,6 +98,8 @@ class SinkWindowManager(FullAttentionManager):
         super().__init__(kv_cache_spec, **kwargs)
         self.sink: int = kv_cache_spec.sink
         self.window: int = kv_cache_spec.sliding_window
+        self.num_pinned: int = kv_cache_spec.num_pinned_blocks
+        self.pinned_of: dict[str, int] = {}  # request -> its blocks counted pinned
 
     def remove_skipped_blocks(
         self,
@@ -111,12 +114,20 @@ class SinkWindowManager(FullAttentionManager):
         free_before = self.block_pool.get_num_free_blocks()
         self._remove_blocks_in_range(request_id, first_gap_block, last_gap_block)
         engine_stats.update(
-            self.block_pool.get_num_free_blocks() - free_before, self._pinned_blocks()
+            self.block_pool.get_num_free_blocks() - free_before,
+            self._count_pinned(request_id),
         )
 
     def free(self, request_id: str) -> None:
         super().free(request_id)
-        engine_stats.update(0, self._pinned_blocks())
+        engine_stats.update(0, -self.pinned_of.pop(request_id, 0))
+
+    def _count_pinned(self, request_id: str) -> int:
+        """The change of this request's pinned blocks (a running total: O(1))."""
+        now = min(self.num_pinned, len(self.req_to_blocks.get(request_id, ())))
+        change = now - self.pinned_of.get(request_id, 0)
+        self.pinned_of[request_id] = now
+        return change
 
     @classmethod
     def find_longest_cache_hit(
@@ -150,10 +161,6 @@ class SinkWindowManager(FullAttentionManager):
                 for blocks, block in zip(computed, found):
                     blocks[i] = block
         return computed, hit * bs
-
-    def _pinned_blocks(self) -> int:
-        pinned = cdiv(self.sink, self.block_size)
-        return sum(min(pinned, len(b)) for b in self.req_to_blocks.values())
 
 
 class _CachedLookup:
@@ -203,13 +210,38 @@ def sink_spec_from(spec: KVCacheSpec, cfg: SinkConfig) -> KVCacheSpec:
             f"than --attention-sink + --window = {cfg.span}. Fix: choose "
             f"--window {max(1, spec.sliding_window - cfg.sink)} or smaller."
         )
-    shared = {f.name for f in fields(SlidingWindowSpec)} - {"sliding_window"}
-    kwargs = {
-        name: getattr(spec, name)
-        for name in shared
-        if hasattr(spec, name) and name != "extra_retained_tokens"
-    }
+    _refuse_settings_dropped(spec)
+    taken = {f.name for f in fields(AttentionSpec)}
+    kwargs = {name: getattr(spec, name) for name in taken}
     return SinkWindowSpec(**kwargs, sliding_window=cfg.window, sink=cfg.sink)
+
+
+# What sink mode replaces by its own rule (the window), the rest is refused.
+_REPLACED = {"sliding_window"}
+
+
+def _refuse_settings_dropped(spec: KVCacheSpec) -> None:
+    """A layer's spec setting that SinkWindowSpec does not carry (and its value
+    is not the default) is one sink mode cannot honour: refuse it by name."""
+    carried = {f.name for f in fields(AttentionSpec)} | _REPLACED
+    dropped = [
+        f"{f.name}={getattr(spec, f.name)!r}"
+        for f in fields(spec)
+        if f.name not in carried and getattr(spec, f.name) != _default(f)
+    ]
+    if dropped:
+        raise SinkConfigError(
+            f"Sink mode cannot honour this attention layer's KV-cache setting "
+            f"{', '.join(dropped)} ({type(spec).__name__}): chunked local, "
+            "non-causal and similar attention are not StreamingLLM attention. "
+            "Fix: drop --attention-sink/--window for this model."
+        )
+
+
+def _default(field):
+    if field.default_factory is not MISSING:
+        return field.default_factory()
+    return field.default
 
 
 def _register_spec() -> None:

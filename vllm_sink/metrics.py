@@ -9,8 +9,10 @@ time. Rollovers happen in the front-end and count there directly.
 
 from __future__ import annotations
 
+import atexit
 import json
 import os
+import shutil
 import tempfile
 import threading
 import time
@@ -45,10 +47,12 @@ class EngineStats:
         self._dirty = threading.Event()
         self._thread: threading.Thread | None = None
 
-    def update(self, freed: int, pinned: int) -> None:
-        if freed or pinned != self.pinned_blocks:
+    def update(self, freed: int, pinned_change: int) -> None:
+        """Blocks a manager freed, and the change of the blocks it pins (so the
+        managers of a process add up)."""
+        if freed or pinned_change:
             self.freed_blocks += freed
-            self.pinned_blocks = pinned
+            self.pinned_blocks += pinned_change
             self._changed()
 
     def count_released(self) -> None:
@@ -92,6 +96,27 @@ class EngineStats:
 engine_stats = EngineStats()
 
 
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def engine_files(directory: str) -> list[Path]:
+    """The files of live engine processes; those of dead ones are removed."""
+    live = []
+    for path in Path(directory).glob("engine-*.json"):
+        if _alive(int(path.stem.split("-", 1)[1])):
+            live.append(path)
+        else:
+            path.unlink(missing_ok=True)
+    return live
+
+
 class SinkCollector:
     """Reads the engine-core files at scrape time."""
 
@@ -99,7 +124,7 @@ class SinkCollector:
         freed = pinned = released = 0
         directory = os.environ.get(DIR_ENV)
         if directory and os.path.isdir(directory):
-            for path in Path(directory).glob("engine-*.json"):
+            for path in engine_files(directory):
                 try:
                     data = json.loads(path.read_text())
                 except (OSError, ValueError):
@@ -155,7 +180,9 @@ def start_front_end(cfg: SinkConfig) -> None:
     global _collector, _config
     _config = cfg
     if not os.environ.get(DIR_ENV):
-        os.environ[DIR_ENV] = tempfile.mkdtemp(prefix="vllm-sink-metrics-")
+        directory = tempfile.mkdtemp(prefix="vllm-sink-metrics-")
+        os.environ[DIR_ENV] = directory
+        atexit.register(shutil.rmtree, directory, ignore_errors=True)
     if _collector is None:
         # A custom collector: vLLM unregisters "vllm:" metric objects when it
         # (re)creates its stat loggers, but leaves unnamed collectors alone.

@@ -11,9 +11,15 @@ from __future__ import annotations
 import functools
 import importlib
 import inspect
+import json
 from collections.abc import Callable
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
+
+# The signature of every wrapped vLLM callable in the vLLM releases the plugin is
+# tested with (``python -m vllm_sink.patching --record`` adds the installed one's).
+SIGNATURES = Path(__file__).with_name("signatures.json")
 
 
 @dataclass(frozen=True)
@@ -105,6 +111,55 @@ def _check_params(func: Any, params: tuple[str, ...], target: str, reason: str) 
         )
 
 
+def signature_of(func: Any) -> str:
+    """A callable's parameters by name and kind (annotations and default
+    values left out: they change without changing how the plugin calls it)."""
+    try:
+        params = inspect.signature(func).parameters.values()
+    except (TypeError, ValueError):
+        return "(?)"
+    prefix = {
+        inspect.Parameter.VAR_POSITIONAL: "*",
+        inspect.Parameter.VAR_KEYWORD: "**",
+    }
+    out, star = [], False
+    for p in params:
+        if p.kind == inspect.Parameter.KEYWORD_ONLY and not star:
+            out.append("*")
+        star = star or p.kind in (p.KEYWORD_ONLY, p.VAR_POSITIONAL)
+        default = "=" if p.default is not inspect.Parameter.empty else ""
+        out.append(prefix.get(p.kind, "") + p.name + default)
+    return "(" + ", ".join(out) + ")"
+
+
+_recorded: dict[str, list[str]] | None = None  # set while recording (--record)
+
+
+def _tested_signatures() -> dict[str, list[str]]:
+    return json.loads(SIGNATURES.read_text())
+
+
+def _check_signature(func: Any, target: str, reason: str, diff: str) -> None:
+    """Start-up fails when a wrapped callable is not as tested: a vLLM let in by
+    VLLM_SINK_ALLOW_ANY_VLLM=1 fails here, naming the patch, not later with
+    wrong arguments."""
+    have = signature_of(func)
+    if _recorded is not None:
+        _recorded.setdefault(target, [])
+        if have not in _recorded[target]:
+            _recorded[target].append(have)
+        return
+    tested = _tested_signatures().get(target, [])
+    if have not in tested:
+        raise _reach_error(
+            target,
+            f"has the signature {have}, not one the plugin is tested with "
+            f"({' or '.join(tested) or 'none recorded'}); patches/{diff} needs "
+            "porting (then record it: python -m vllm_sink.patching --record)",
+            reason,
+        )
+
+
 def wrap_method(
     owner: Any,
     name: str,
@@ -137,6 +192,7 @@ def wrap_method(
         elif isinstance(original, property):
             unwrapped = original.fget
         _check_params(unwrapped, params, target, reason)
+        _check_signature(unwrapped, target, reason, diff)
         if kind == "method":
             func = original
 
@@ -199,3 +255,29 @@ def add_method(
         )
     setattr(owner, name, func)
     _PATCHES[(owner, name)] = Patch(owner, name, reason, diff, added=True)
+
+
+def record_signatures() -> int:
+    """Install every hook into this vLLM and add the signatures of what they wrap
+    to SIGNATURES (after porting the patches to a new vLLM)."""
+    global _recorded
+    import vllm
+
+    import vllm_sink
+
+    _recorded = _tested_signatures() if SIGNATURES.exists() else {}
+    vllm_sink.check_vllm_version = lambda version: None  # recording ports it
+    vllm_sink.register()
+    SIGNATURES.write_text(json.dumps(_recorded, indent=1, sort_keys=True) + "\n")
+    print(f"recorded {len(_recorded)} signatures of vLLM {vllm.__version__}")
+    return 0
+
+
+if __name__ == "__main__":
+    import sys
+
+    if sys.argv[1:] != ["--record"]:
+        sys.exit("usage: python -m vllm_sink.patching --record")
+    from vllm_sink import patching  # this module as the hooks import it
+
+    sys.exit(patching.record_signatures())

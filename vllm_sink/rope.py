@@ -5,7 +5,7 @@ queries and keys reach the attention unrotated (keys are cached pre-RoPE), and
 every attention layer gets ``layer.sink_rope``: the model's own cos/sin table
 (first ``S+W`` rows), its rotary_dim and neox/gptj style.
 
-Invariant the backend relies on (DESIGN.md section 1): every row of
+Invariant the backend relies on (docs/architecture.md §1): every row of
 ``RopeTable.cos_sin_cache`` has unit magnitude (``cos^2 + sin^2 = 1``), so
 rotating a key by its *distance* to the query equals rotating both. Tables
 that carry an attention factor ``m`` in every row (YaRN's mscale, LongRoPE's
