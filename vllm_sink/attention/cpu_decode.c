@@ -12,7 +12,9 @@
 // Work is split over (request, KV head). Keys are visited TILE at a time in
 // one pass with a running softmax (as in flash attention), so each K/V row is
 // read once. Hot loops use GCC vector extensions (8 floats, lowered to the
-// machine's SIMD) with accumulators held in registers.
+// machine's SIMD) with accumulators held in registers. Scratch comes from the
+// caller (sink_scratch_floats floats, one slice per thread; the metadata
+// builder allocates it once), so a call allocates nothing.
 //
 // Layouts: query/out [B, Hq, D], D a multiple of 8, heads contiguous, any
 // row stride; kv_cache [blocks, Hkv, bs, 2*D] (keys then values; any strides

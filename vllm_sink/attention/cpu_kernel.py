@@ -7,8 +7,10 @@ KV head), rotating each key while it is read, and writes new K/V rows with
 plain copies instead of two indexed assignments. It is built with the system C
 compiler (``$CC``, else ``cc``/``gcc``) into the vllm-sink cache, keyed by the
 source, the flags and the CPU, and called through ctypes: no torch headers, no
-build step at install time. Without a compiler, the torch path is used and a
-warning says why. ``torch_path.py`` stays the reference the tests compare with.
+build step at install time. Its scratch is a float32 tensor from the caller
+(``scratch_floats``; the metadata builder preallocates it). Without a
+compiler, the torch path is used and a warning says why. ``torch_path.py``
+stays the reference the tests compare with.
 """
 
 from __future__ import annotations
