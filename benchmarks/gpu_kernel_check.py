@@ -1,7 +1,8 @@
 """GPU check of the Triton sink-attention kernel: correctness first, then speed.
 
-Needs only torch and Triton (vLLM is never imported): the kernel modules are
-loaded by file path from this checkout.
+Needs only torch and Triton (vLLM is never imported): the kernel modules and
+their typed inputs (``vllm_sink/attention/inputs.py``) are imported from this
+checkout, whose package imports are vLLM-free.
 
 1. Correctness: the Triton path against the torch path on fresh random paged
    batches (mixed decodes and prefill chunks, GQA 1/4/8, fp32/bf16/fp16, head
@@ -27,7 +28,7 @@ and bf16 peak, plus L2 flushes, Triton compiles and start-up; see ``estimate``).
 from __future__ import annotations
 
 import argparse
-import importlib.util
+import importlib
 import json
 import math
 import os
@@ -35,23 +36,21 @@ import statistics
 import sys
 import time
 from collections.abc import Callable
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
-from types import ModuleType
 
 import torch
 
 ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))  # this checkout's vllm_sink, not an installed one
 
-
-def load_module(name: str, relpath: str) -> ModuleType:
-    """Import a file of this checkout without importing its package."""
-    spec = importlib.util.spec_from_file_location(name, ROOT / relpath)
-    assert spec is not None and spec.loader is not None
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[name] = module
-    spec.loader.exec_module(module)
-    return module
+# vLLM-free (checked by tests/test_triton_kernel.py): the one kernel contract.
+from vllm_sink.attention.inputs import (  # noqa: E402
+    BatchLayout,
+    RopeTable,
+    SinkAttentionInputs,
+    SinkVariant,
+)
 
 
 @dataclass(frozen=True)
@@ -73,37 +72,9 @@ FULL = Shape(32, 8, 128, 4, (1024, 2048, 4096), (1, 16, 64, 256), 2048, torch.bf
 TINY = Shape(4, 2, 64, 4, (16,), (1, 3), 8, torch.bfloat16)
 
 
-@dataclass
-class Batch:
-    """Kernel inputs of one step (same contract as torch_path.sink_attention)."""
-
-    query: torch.Tensor
-    kv_cache: torch.Tensor
-    block_table: torch.Tensor
-    query_start_loc: torch.Tensor
-    seq_lens: torch.Tensor
-    cos_sin_cache: torch.Tensor
-    rotary_dim: int
-    is_neox_style: bool
-    sink: int
-    window: int
-    max_query_len: int
-
-    def args(self, rotary: bool = True) -> tuple:
-        rd = self.rotary_dim if rotary else 0
-        return (
-            self.query,
-            self.kv_cache,
-            self.block_table,
-            self.query_start_loc,
-            self.seq_lens,
-            self.cos_sin_cache,
-            rd,
-            self.is_neox_style,
-            self.sink,
-            self.window,
-            self.query.shape[-1] ** -0.5,
-        )
+def without_rotary(inputs: SinkAttentionInputs) -> SinkAttentionInputs:
+    """The same call with rotary off (rotary_dim = 0), to time its cost."""
+    return replace(inputs, rope=replace(inputs.rope, rotary_dim=0))
 
 
 def rope_table(rotary_dim: int, rows: int, device: torch.device) -> torch.Tensor:
@@ -128,7 +99,7 @@ def make_batch(
     neox: bool = True,
     permuted: bool = False,
     seed: int = 0,
-) -> Batch:
+) -> SinkAttentionInputs:
     """Requests (seq_len, q_len) on shuffled blocks; only live blocks exist.
 
     Live keys are the sinks and the window of each request's first query;
@@ -162,18 +133,19 @@ def make_batch(
     query = torch.randn(sum(q_lens), num_heads, head_size, device=device).to(dtype)
     rd = head_size if rotary_dim is None else rotary_dim
     qsl = torch.tensor([0, *torch.tensor(q_lens).cumsum(0).tolist()], dtype=torch.int32)
-    return Batch(
-        query=query,
-        kv_cache=kv_cache,
-        block_table=table.to(device),
+    layout = BatchLayout(
         query_start_loc=qsl.to(device),
         seq_lens=torch.tensor([n for n, _ in requests], dtype=torch.int32).to(device),
-        cos_sin_cache=rope_table(rd, sink + window, device),
-        rotary_dim=rd,
-        is_neox_style=neox,
-        sink=sink,
-        window=window,
+        block_table=table.to(device),
         max_query_len=max(q_lens),
+    )
+    return SinkAttentionInputs(
+        query=query,
+        kv_cache=kv_cache,
+        layout=layout,
+        rope=RopeTable(rope_table(rd, sink + window, device), rd, neox),
+        variant=SinkVariant(sink, window),
+        scale=head_size**-0.5,
     )
 
 
@@ -203,14 +175,12 @@ class Check:
 
 
 def check_against_torch(
-    name: str, batch: Batch, tiles, tol: float, torch_path, triton_path
+    name: str, inputs: SinkAttentionInputs, tiles, tol: float, torch_path, triton_path
 ) -> Check:
-    expected = torch.zeros_like(batch.query)
-    torch_path.sink_attention(*batch.args(), expected)
-    out = torch.zeros_like(batch.query)
-    triton_path.sink_attention_triton(
-        *batch.args(), out, max_query_len=batch.max_query_len, tiles=tiles
-    )
+    expected = torch.zeros_like(inputs.query)
+    torch_path.sink_attention(inputs, expected)
+    out = torch.zeros_like(inputs.query)
+    triton_path.sink_attention_triton(inputs, out, tiles=tiles)
     return Check(name, rel_err(out, expected), tol, bool(torch.isfinite(out).all()))
 
 
@@ -238,7 +208,7 @@ def correctness(
         span, bs = s + w, 16
         requests = [(1, 1), (bs, 1), (bs + 1, 1), (span + 1, 1), (5 * span + 3, 1)]
         requests += [(2 * span + 7, span + 5), (bs + 3, bs + 3), (span, 2)]
-        batch = make_batch(
+        inputs = make_batch(
             requests,
             hq,
             hkv,
@@ -257,7 +227,7 @@ def correctness(
         checks.append(
             check_against_torch(
                 name,
-                batch,
+                inputs,
                 Tiles(num_kv_splits=splits),
                 tols[dtype],
                 torch_path,
@@ -267,11 +237,11 @@ def correctness(
     if not tiny:
         for q_len in (1, 2048):
             reqs = steady_requests(16 if q_len == 1 else 1, q_len, 4, 1024)
-            batch = make_batch(reqs, 32, 8, 128, 4, 1024, torch.bfloat16, device)
+            inputs = make_batch(reqs, 32, 8, 128, 4, 1024, torch.bfloat16, device)
             checks.append(
                 check_against_torch(
                     f"llama-7b-like bf16 W1024 q_len={q_len}",
-                    batch,
+                    inputs,
                     None,
                     1e-2,
                     torch_path,
@@ -282,20 +252,27 @@ def correctness(
 
 
 def cuda_graph_check(device: torch.device, triton_path) -> Check:
-    """A captured decode step (split-KV) replays to the eager result."""
+    """A captured decode step (split-KV, partials in a preallocated workspace,
+    as the backend's builder gives it) replays to the eager result."""
     reqs = steady_requests(4, 1, 4, 1024)
-    batch = make_batch(reqs, 32, 8, 128, 4, 1024, torch.bfloat16, device)
-    eager = torch.zeros_like(batch.query)
-    triton_path.sink_attention_triton(*batch.args(), eager, max_query_len=1)
-    out = torch.zeros_like(batch.query)
+    inputs = make_batch(reqs, 32, 8, 128, 4, 1024, torch.bfloat16, device)
+    floats = triton_path.workspace_floats(32, 8, 128, device)
+    workspace = torch.empty(floats, dtype=torch.float32, device=device)
+
+    def step(out: torch.Tensor) -> None:
+        triton_path.sink_attention_triton(inputs, out, workspace=workspace)
+
+    eager = torch.zeros_like(inputs.query)
+    step(eager)
+    out = torch.zeros_like(inputs.query)
     stream = torch.cuda.Stream()
     stream.wait_stream(torch.cuda.current_stream())
     with torch.cuda.stream(stream):  # warm-up on a side stream, as torch advises
-        triton_path.sink_attention_triton(*batch.args(), out, max_query_len=1)
+        step(out)
     torch.cuda.current_stream().wait_stream(stream)
     graph = torch.cuda.CUDAGraph()
     with torch.cuda.graph(graph):
-        triton_path.sink_attention_triton(*batch.args(), out, max_query_len=1)
+        step(out)
     out.zero_()
     graph.replay()
     torch.cuda.synchronize()
@@ -425,7 +402,7 @@ def time_row(
     device = timer.device
     sink, span = shape.sink, shape.sink + window
     reqs = steady_requests(batch_size, q_len, sink, window)
-    batch = make_batch(
+    inputs = make_batch(
         reqs,
         shape.num_heads,
         shape.num_kv_heads,
@@ -436,15 +413,13 @@ def time_row(
         device,
         block_size=shape.block_size,
     )
-    out = torch.empty_like(batch.query)
-    kw = dict(max_query_len=batch.max_query_len)
+    out = torch.empty_like(inputs.query)
 
     def run(rotary: bool = True, tiles=None) -> Callable[[], object]:
-        return lambda: triton_path.sink_attention_triton(
-            *batch.args(rotary), out, tiles=tiles, **kw
-        )
+        call = inputs if rotary else without_rotary(inputs)
+        return lambda: triton_path.sink_attention_triton(call, out, tiles=tiles)
 
-    elem = batch.kv_cache.element_size()
+    elem = inputs.kv_cache.element_size()
     keys = span if q_len == 1 else span + q_len - 1  # unique keys read per request
     kv_bytes = batch_size * shape.num_kv_heads * keys * 2 * shape.head_size * elem
     flops = 4.0 * batch_size * q_len * span * shape.head_size * shape.num_heads
@@ -616,8 +591,9 @@ def main(argv: list[str] | None = None) -> int:
             parser.error("no CUDA device: use --tiny (CPU, Triton interpreter)")
         os.environ["TRITON_INTERPRET"] = "1"  # read when the kernels are defined
     device = torch.device("cuda" if cuda else "cpu")
-    torch_path = load_module("sink_torch_path", "vllm_sink/attention/torch_path.py")
-    triton_path = load_module("sink_triton_path", "vllm_sink/attention/triton_path.py")
+    # Imported only now: Triton reads TRITON_INTERPRET when a kernel is defined.
+    torch_path = importlib.import_module("vllm_sink.attention.torch_path")
+    triton_path = importlib.import_module("vllm_sink.attention.triton_path")
     name = torch.cuda.get_device_name() if cuda else "cpu (Triton interpreter)"
     print(f"device: {name}; torch {torch.__version__}")
 

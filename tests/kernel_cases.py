@@ -15,10 +15,19 @@ import os
 import subprocess
 import sys
 import textwrap
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import torch
+
+from vllm_sink.attention.inputs import (
+    BatchLayout,
+    RopeTable,
+    SinkAttentionInputs,
+    SinkVariant,
+    plan_batch,
+)
+from vllm_sink.attention.torch_path import decode_batch
 
 THETA = 10000.0
 TOL = {torch.float32: 1e-4, torch.bfloat16: 1e-2, torch.float16: 1e-2}
@@ -69,17 +78,33 @@ CASES = [
 
 @dataclass
 class Batch:
-    """One step's inputs, built like vLLM would hand them to the backend."""
+    """One step's kernel inputs, built like vLLM would hand them to the
+    backend, and what the float64 reference needs to recompute them."""
 
-    query: torch.Tensor
-    kv_cache: torch.Tensor
-    block_table: torch.Tensor
-    query_start_loc: torch.Tensor
-    seq_lens: torch.Tensor
-    cos_sin_cache: torch.Tensor
+    inputs: SinkAttentionInputs
     requests: list[tuple[int, int]]  # (seq_len, q_len)
     keys: list[torch.Tensor] = field(default_factory=list)  # [seq_len, Hkv, D]
     values: list[torch.Tensor] = field(default_factory=list)
+
+    def call(
+        self, scale: float | None = None, zero_sink: bool = False
+    ) -> SinkAttentionInputs:
+        """The inputs with another softmax scale and/or zero_sink."""
+        variant = replace(self.inputs.variant, zero_sink=zero_sink)
+        scale = self.inputs.scale if scale is None else scale
+        return replace(self.inputs, scale=scale, variant=variant)
+
+    def decodes(self) -> Batch:
+        """The batch cut down to its one-query requests, as a decode-only step."""
+        layout = self.inputs.layout
+        plan = plan_batch(layout.query_start_loc, layout.seq_lens)
+        rows = plan.decode_rows.tolist()
+        return Batch(
+            inputs=decode_batch(self.inputs, plan),
+            requests=[self.requests[r] for r in rows],
+            keys=[self.keys[r] for r in rows],
+            values=[self.values[r] for r in rows],
+        )
 
 
 def request_shapes(case: Case) -> list[tuple[int, int]]:
@@ -141,17 +166,23 @@ def make_batch(case: Case, device: str = "cpu") -> Batch:
     table = rope_table(case.rotary_dim, span).to(case.table_dtype)
     nan_rows = torch.full((3, case.rotary_dim), float("nan"), dtype=table.dtype)
     qsl = torch.tensor([0, *torch.tensor(q_lens).cumsum(0).tolist()], dtype=torch.int32)
-    return Batch(
-        query=query.to(device),
-        kv_cache=kv_cache.to(device),
-        block_table=block_table.to(torch.int32).to(device),
+    layout = BatchLayout(
         query_start_loc=qsl.to(device),
         seq_lens=torch.tensor([n for n, _ in requests], dtype=torch.int32).to(device),
-        cos_sin_cache=torch.cat((table, nan_rows)).to(device),
-        requests=requests,
-        keys=batch_keys,
-        values=batch_values,
+        block_table=block_table.to(torch.int32).to(device),
+        max_query_len=max(q_lens),
     )
+    inputs = SinkAttentionInputs(
+        query=query.to(device),
+        kv_cache=kv_cache.to(device),
+        layout=layout,
+        rope=RopeTable(
+            torch.cat((table, nan_rows)).to(device), case.rotary_dim, case.neox
+        ),
+        variant=SinkVariant(case.sink, case.window),
+        scale=case.head_size**-0.5,
+    )
+    return Batch(inputs, requests, batch_keys, batch_values)
 
 
 def rotate64(x: torch.Tensor, pos: torch.Tensor, rotary_dim: int, neox: bool):
@@ -171,12 +202,16 @@ def rotate64(x: torch.Tensor, pos: torch.Tensor, rotary_dim: int, neox: bool):
     return torch.cat((rot, rest), dim=-1)
 
 
-def reference64(case: Case, batch: Batch, scale: float) -> torch.Tensor:
-    """DESIGN.md §1 literally, per query, in float64: rotary positions are ranks."""
-    query = batch.query.double().cpu()
+def reference64(case: Case, batch: Batch, scale: float | None = None) -> torch.Tensor:
+    """DESIGN.md §1 literally, per query, in float64: rotary positions are ranks.
+
+    Reads the case (S, W, rotary) and the batch's query, layout and live K/V
+    only, not its kernel inputs' table. ``scale`` defaults to the inputs'."""
+    scale = batch.inputs.scale if scale is None else scale
+    query = batch.inputs.query.double().cpu()
     out = torch.zeros_like(query)
     group = case.num_heads // case.num_kv_heads
-    starts = batch.query_start_loc.tolist()
+    starts = batch.inputs.layout.query_start_loc.tolist()
     for r, (seq_len, q_len) in enumerate(batch.requests):
         keys, values = batch.keys[r], batch.values[r]
         for i in range(q_len):

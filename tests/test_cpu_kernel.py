@@ -9,13 +9,13 @@ the decodes of a mixed batch and the torch path on the prefill chunks.
 from __future__ import annotations
 
 import logging
+from dataclasses import replace
 
 import pytest
 import torch
 from kernel_cases import (
     CASES,
     TOL,
-    Batch,
     Case,
     make_batch,
     reference64,
@@ -24,34 +24,13 @@ from kernel_cases import (
 )
 
 from vllm_sink.attention import backend, cpu_kernel, torch_path
+from vllm_sink.attention.inputs import SinkAttentionInputs
 from vllm_sink.config import SinkConfigError
 
 
-def decode_rows(batch: Batch) -> Batch:
-    """The batch cut down to its one-query requests, as a decode-only step."""
-    rows = [r for r, (_, q) in enumerate(batch.requests) if q == 1]
-    index = torch.tensor(rows)
-    tokens = batch.query_start_loc[:-1].long()[index]
-    return Batch(
-        query=batch.query[tokens],
-        kv_cache=batch.kv_cache,
-        block_table=batch.block_table[index],
-        query_start_loc=torch.arange(len(rows) + 1, dtype=torch.int32),
-        seq_lens=batch.seq_lens[index],
-        cos_sin_cache=batch.cos_sin_cache,
-        requests=[batch.requests[r] for r in rows],
-        keys=[batch.keys[r] for r in rows],
-        values=[batch.values[r] for r in rows],
-    )
-
-
-def run(case: Case, batch: Batch, scale: float, **kw) -> torch.Tensor:
-    out = torch.full_like(batch.query, 7.0)
-    torch_path.sink_attention(
-        batch.query, batch.kv_cache, batch.block_table, batch.query_start_loc,
-        batch.seq_lens, batch.cos_sin_cache, case.rotary_dim, case.neox,
-        case.sink, case.window, scale, out, **kw,
-    )  # fmt: skip
+def run(inputs: SinkAttentionInputs, **kw) -> torch.Tensor:
+    out = torch.full_like(inputs.query, 7.0)
+    torch_path.sink_attention(inputs, out, **kw)
     return out
 
 
@@ -63,17 +42,12 @@ def built() -> None:
 @pytest.mark.parametrize("case", CASES, ids=str)
 def test_decodes_match_float64_and_torch_path(case: Case) -> None:
     """Every dtype, GQA ratio, rotary width/style, S, W and block size."""
-    batch = decode_rows(make_batch(case))
-    scale = case.head_size**-0.5
-    ref = reference64(case, batch, scale)
-    out = cpu_kernel.sink_decode(
-        batch.query, batch.kv_cache, batch.block_table, batch.seq_lens,
-        batch.cos_sin_cache, case.rotary_dim, case.neox, case.sink,
-        case.window, scale,
-    )  # fmt: skip
+    batch = make_batch(case).decodes()
+    ref = reference64(case, batch)
+    out = cpu_kernel.sink_decode(batch.inputs)
     assert torch.isfinite(out).all(), "NaN/inf: a stray read or a bad mask"
     assert rel_err(out, ref) < TOL[case.dtype]
-    expected = run(case, batch, scale)
+    expected = run(batch.inputs)
     assert rel_err(out, expected.double()) < TOL[case.dtype]
 
 
@@ -82,17 +56,12 @@ def test_output_dtype_and_strided_rows(out_dtype: torch.dtype) -> None:
     """A 16-bit cache and query, the output written in place in another dtype,
     into rows of a wider buffer (vLLM hands views of fused projections)."""
     case = CASES[5]  # bfloat16, GQA 4
-    batch = decode_rows(make_batch(case))
-    scale = case.head_size**-0.5
-    ref = reference64(case, batch, scale)
+    batch = make_batch(case).decodes()
+    ref = reference64(case, batch)
     shape = (len(batch.requests), case.num_heads + 3, case.head_size)
     wide = torch.full(shape, 7.0, dtype=out_dtype)
     out = wide[:, : case.num_heads]
-    result = cpu_kernel.sink_decode(
-        batch.query, batch.kv_cache, batch.block_table, batch.seq_lens,
-        batch.cos_sin_cache, case.rotary_dim, case.neox, case.sink,
-        case.window, scale, out=out,
-    )  # fmt: skip
+    result = cpu_kernel.sink_decode(batch.inputs, out)
     assert result is out and out.stride(0) == (case.num_heads + 3) * case.head_size
     assert rel_err(out, ref) < TOL[case.dtype]
     assert (wide[:, case.num_heads :] == 7.0).all(), "wrote past its rows"
@@ -123,24 +92,25 @@ def test_write_kv_equals_torch_path(dtype: torch.dtype) -> None:
 def test_mixed_batch_compiled_equals_torch(case: Case, zero_sink: bool) -> None:
     """Decodes batched next to prefill chunks; padding tokens stay untouched."""
     batch = make_batch(case)
-    total = int(batch.query_start_loc[-1])
-    scale = case.head_size**-0.5
-    out = run(case, batch, scale, zero_sink=zero_sink, compiled_decode=True)
-    expected = run(case, batch, scale, zero_sink=zero_sink)
+    total = int(batch.inputs.layout.query_start_loc[-1])
+    inputs = batch.call(zero_sink=zero_sink)
+    out = run(inputs, compiled_decode=True)
+    expected = run(inputs)
     assert torch.isfinite(out[:total]).all()
     assert (out[total:] == 7.0).all(), "padding tokens were written"
     assert rel_err(out[:total], expected[:total].double()) < TOL[case.dtype]
     if not zero_sink:
-        ref = reference64(case, batch, scale)[:total]
+        ref = reference64(case, batch)[:total]
         assert rel_err(out[:total], ref) < TOL[case.dtype]
 
 
 def test_long_streams_read_only_sinks_and_window() -> None:
     """Streams 50x S+W long: cost and reads stay on S+W keys (NaN elsewhere)."""
     case = Case(torch.float32, 64, 8, 2, 64, True, 4, 60, block_size=32)
-    batch = decode_rows(make_batch(case))
-    long_lens = batch.seq_lens * 0 + 50 * (case.sink + case.window)
-    assert int(long_lens.max()) > int(batch.seq_lens.max())
+    batch = make_batch(case).decodes()
+    decodes = batch.inputs
+    long_lens = decodes.layout.seq_lens * 0 + 50 * (case.sink + case.window)
+    assert int(long_lens.max()) > int(decodes.layout.seq_lens.max())
     # Re-home each request's live keys at the long stream's positions.
     bs, span = case.block_size, case.sink + case.window
     blocks_needed = -(-int(long_lens.max()) // bs)
@@ -159,16 +129,10 @@ def test_long_streams_read_only_sinks_and_window() -> None:
             kv[table[r, j // bs], :, j % bs] = torch.randn(
                 case.num_kv_heads, 128, generator=gen
             )
-    out = cpu_kernel.sink_decode(
-        batch.query, kv, table, long_lens, batch.cos_sin_cache, 64, True,
-        case.sink, case.window, 0.125,
-    )  # fmt: skip
-    qsl = torch.arange(len(batch.requests) + 1, dtype=torch.int32)
-    expected = torch.empty_like(batch.query)
-    torch_path.sink_attention(
-        batch.query, kv, table, qsl, long_lens, batch.cos_sin_cache, 64, True,
-        case.sink, case.window, 0.125, expected,
-    )  # fmt: skip
+    layout = replace(decodes.layout, seq_lens=long_lens, block_table=table)
+    inputs = replace(decodes, kv_cache=kv, layout=layout, scale=0.125)
+    out = cpu_kernel.sink_decode(inputs)
+    expected = run(inputs)
     assert torch.isfinite(out).all()
     assert rel_err(out, expected.double()) < 1e-5
     assert span < n

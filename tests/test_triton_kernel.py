@@ -20,6 +20,7 @@ import re
 import subprocess
 import sys
 import xml.etree.ElementTree as ET
+from dataclasses import replace
 from pathlib import Path
 
 import torch
@@ -33,7 +34,6 @@ import triton.language as tl  # noqa: E402
 from kernel_cases import (  # noqa: E402
     CASES,
     TOL,
-    Batch,
     Case,
     make_batch,
     reference64,
@@ -43,6 +43,7 @@ from kernel_cases import (  # noqa: E402
 
 from vllm_sink.attention import torch_path  # noqa: E402
 from vllm_sink.attention import triton_path as _triton_path  # noqa: E402
+from vllm_sink.attention.inputs import SinkAttentionInputs  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 # Can kernels run here? (triton's own jit functions are interpreted too)
@@ -52,6 +53,8 @@ CHILD_TESTS = (
     "test_max_query_len_given_equals_computed",
     "test_decode_only_batch_with_splits_equals_unsplit",
     "test_zero_sink_matches_torch_path",
+    "test_split_partials_live_in_the_given_workspace",
+    "test_padding_requests_are_skipped",
 )
 
 
@@ -108,47 +111,23 @@ def ran_in_child(request, outcomes: dict[str, str] | None) -> bool:
     return True
 
 
-def run_kernel(case: Case, batch: Batch, scale: float, **kw) -> torch.Tensor:
-    out = torch.full_like(batch.query, 7.0)
-    tiles = triton_path.TritonTiles(
+def tiles_of(case: Case):
+    return triton_path.TritonTiles(
         block_q=case.block_q, block_n=case.block_n, num_kv_splits=case.splits
     )
+
+
+def run_kernel(case: Case, inputs: SinkAttentionInputs, workspace=None) -> torch.Tensor:
+    out = torch.full_like(inputs.query, 7.0)
     triton_path.sink_attention_triton(
-        batch.query,
-        batch.kv_cache,
-        batch.block_table,
-        batch.query_start_loc,
-        batch.seq_lens,
-        batch.cos_sin_cache,
-        case.rotary_dim,
-        case.neox,
-        case.sink,
-        case.window,
-        scale,
-        out,
-        tiles=tiles,
-        **kw,
+        inputs, out, tiles=tiles_of(case), workspace=workspace
     )
     return out
 
 
-def run_torch(case: Case, batch: Batch, scale: float, **kw) -> torch.Tensor:
-    out = torch.full_like(batch.query, 7.0)
-    torch_path.sink_attention(
-        batch.query,
-        batch.kv_cache,
-        batch.block_table,
-        batch.query_start_loc,
-        batch.seq_lens,
-        batch.cos_sin_cache,
-        case.rotary_dim,
-        case.neox,
-        case.sink,
-        case.window,
-        scale,
-        out,
-        **kw,
-    )
+def run_torch(inputs: SinkAttentionInputs) -> torch.Tensor:
+    out = torch.full_like(inputs.query, 7.0)
+    torch_path.sink_attention(inputs, out)
     return out
 
 
@@ -159,16 +138,15 @@ def test_kernel_matches_float64_and_torch_path(
     if ran_in_child(request, child_outcomes):
         return
     batch = make_batch(case, DEVICE)
-    scale = case.head_size**-0.5
-    total = int(batch.query_start_loc[-1])
-    ref = reference64(case, batch, scale)[:total]
-    out = run_kernel(case, batch, scale).cpu()
+    total = int(batch.inputs.layout.query_start_loc[-1])
+    ref = reference64(case, batch)[:total]
+    out = run_kernel(case, batch.inputs).cpu()
     assert torch.isfinite(out[:total]).all(), "NaN/inf: a stray read or bad mask"
     assert (out[total:] == 7.0).all(), "padding tokens were written"
     err = rel_err(out[:total], ref)
     assert err < TOL[case.dtype], f"triton vs float64: {err:.2e}"
     if case.rotary_dim:
-        expected = run_torch(case, batch, scale).cpu()[:total]
+        expected = run_torch(batch.inputs).cpu()[:total]
         assert torch.isfinite(expected).all()
         assert rel_err(expected, ref) < TOL[case.dtype]
         diff = rel_err(out[:total], expected.double())
@@ -181,10 +159,10 @@ def test_max_query_len_given_equals_computed(child_outcomes, request) -> None:
         return
     case = CASES[0]
     batch = make_batch(case, DEVICE)
-    max_q = max(q for _, q in batch.requests)
-    a = run_kernel(case, batch, 0.125)
-    b = run_kernel(case, batch, 0.125, max_query_len=max_q)
-    assert torch.equal(a, b)
+    inputs = batch.inputs
+    assert inputs.layout.max_query_len == max(q for _, q in batch.requests)
+    unknown = replace(inputs, layout=replace(inputs.layout, max_query_len=None))
+    assert torch.equal(run_kernel(case, inputs), run_kernel(case, unknown))
 
 
 def test_decode_only_batch_with_splits_equals_unsplit(child_outcomes, request) -> None:
@@ -192,18 +170,9 @@ def test_decode_only_batch_with_splits_equals_unsplit(child_outcomes, request) -
     if ran_in_child(request, child_outcomes):
         return
     case = Case(torch.float32, 64, 4, 2, 64, True, 4, 61, block_n=16)
-    batch = make_batch(case, DEVICE)
-    decodes = [r for r, (_, q) in enumerate(batch.requests) if q == 1]
-    rows = torch.tensor(decodes)
-    tokens = batch.query_start_loc[:-1].long()[rows]
-    batch.query = batch.query[tokens]
-    batch.block_table = batch.block_table[rows]
-    batch.seq_lens = batch.seq_lens[rows]
-    batch.query_start_loc = torch.arange(len(decodes) + 1, dtype=torch.int32)
-    outs = [
-        run_kernel(Case(**{**case.__dict__, "splits": s}), batch, 0.1, max_query_len=1)
-        for s in (1, 5)
-    ]
+    inputs = make_batch(case, DEVICE).decodes().call(scale=0.1)
+    assert inputs.layout.max_query_len == 1
+    outs = [run_kernel(replace(case, splits=s), inputs) for s in (1, 5)]
     assert torch.isfinite(outs[0]).all()
     for other in outs[1:]:
         assert rel_err(other, outs[0].double()) < 1e-6
@@ -216,13 +185,67 @@ def test_zero_sink_matches_torch_path(splits, child_outcomes, request) -> None:
         return
     case = Case(torch.float32, 64, 4, 2, 64, True, 0, 23, splits=splits)
     batch = make_batch(case, DEVICE)
-    total = int(batch.query_start_loc[-1])
-    out = run_kernel(case, batch, 0.125, zero_sink=True).cpu()[:total]
-    expected = run_torch(case, batch, 0.125, zero_sink=True).cpu()[:total]
-    plain = run_torch(case, batch, 0.125).cpu()[:total]
+    total = int(batch.inputs.layout.query_start_loc[-1])
+    zero_sink = batch.call(scale=0.125, zero_sink=True)
+    out = run_kernel(case, zero_sink).cpu()[:total]
+    expected = run_torch(zero_sink).cpu()[:total]
+    plain = run_torch(batch.call(scale=0.125)).cpu()[:total]
     assert torch.isfinite(out).all()
     assert rel_err(out, expected.double()) < 1e-5
     assert rel_err(plain, expected.double()) > 1e-3  # the variant changes outputs
+
+
+def test_split_partials_live_in_the_given_workspace(
+    child_outcomes, request, monkeypatch
+) -> None:
+    """Split-KV partials are views of the caller's workspace, the same buffer
+    on every call (the builder preallocates it once); output unchanged."""
+    if ran_in_child(request, child_outcomes):
+        return
+    case = Case(torch.float32, 64, 4, 2, 64, True, 4, 23, splits=3)
+    inputs = make_batch(case, DEVICE).inputs
+    d_pad, num_reqs = 64, inputs.layout.num_reqs
+    floats = num_reqs * case.num_heads * case.splits * (d_pad + 2)
+    workspace = torch.empty(floats, dtype=torch.float32, device=DEVICE)
+    buffers = []
+    reduce_splits = triton_path._reduce_splits
+
+    def spy(args, part_acc, part_ml, out):
+        buffers.append((part_acc.data_ptr(), part_ml.data_ptr()))
+        return reduce_splits(args, part_acc, part_ml, out)
+
+    monkeypatch.setattr(triton_path, "_reduce_splits", spy)
+    fresh = run_kernel(case, inputs)
+    outs = [run_kernel(case, inputs, workspace=workspace) for _ in range(2)]
+    start = workspace.data_ptr()
+    acc_end = start + 4 * num_reqs * case.num_heads * case.splits * d_pad
+    assert buffers[1:] == [(start, acc_end)] * 2
+    assert buffers[0][0] != start, "without a workspace the call allocates"
+    assert torch.equal(outs[0], fresh) and torch.equal(outs[1], fresh)
+
+
+@pytest.mark.parametrize("splits", [1, 2])
+def test_padding_requests_are_skipped(splits, child_outcomes, request) -> None:
+    """A decode step padded as for a CUDA graph (vLLM: padding requests have
+    query length 0 and seq_len 0): same outputs, padding rows untouched."""
+    if ran_in_child(request, child_outcomes):
+        return
+    case = Case(torch.float32, 64, 4, 2, 64, True, 4, 23, splits=splits)
+    inputs = make_batch(case, DEVICE).decodes().inputs
+    layout, pad = inputs.layout, 3
+    num_reqs = layout.num_reqs
+    qsl = torch.cat((layout.query_start_loc, layout.query_start_loc[-1:].repeat(pad)))
+    padded_layout = replace(
+        layout,
+        query_start_loc=qsl,
+        seq_lens=torch.cat((layout.seq_lens, layout.seq_lens.new_zeros(pad))),
+        block_table=torch.cat((layout.block_table, layout.block_table[:pad])),
+    )
+    query = torch.cat((inputs.query, inputs.query[:pad]))
+    padded = replace(inputs, query=query, layout=padded_layout)
+    out = run_kernel(case, padded)
+    assert torch.equal(out[:num_reqs], run_kernel(case, inputs))
+    assert (out[num_reqs:] == 7.0).all(), "a padding request wrote its row"
 
 
 def test_engine_with_triton_kernel_equals_oracle(tiny_llama: str) -> None:

@@ -35,31 +35,16 @@ from __future__ import annotations
 
 import logging
 import os
-from dataclasses import dataclass
 
 import torch
 from torch import nn
 from vllm.model_executor.layers.attention.attention import Attention
 from vllm.model_executor.layers.rotary_embedding.base import RotaryEmbeddingBase
 
+from vllm_sink.attention.inputs import RopeTable
 from vllm_sink.config import SinkConfig, SinkConfigError
 
 logger = logging.getLogger("vllm_sink")
-
-
-@dataclass
-class RopeTable:
-    """What the backend needs to rotate at read.
-
-    ``cos_sin_cache[p] = cat(cos(p * f), sin(p * f))`` for p in [0, len), each
-    half ``rotary_dim / 2`` wide, in vLLM's layout. Dims past ``rotary_dim``
-    are not rotated (partial rotary).
-    """
-
-    cos_sin_cache: torch.Tensor
-    rotary_dim: int
-    is_neox_style: bool
-    qk_factor: float = 1.0  # multiplies q . k over the rotated dims
 
 
 _VLLM_ROTARY = "vllm.model_executor.layers.rotary_embedding"

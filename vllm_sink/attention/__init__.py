@@ -1,4 +1,5 @@
-"""Sink attention: metadata builder, torch path (CPU) and Triton path (GPU)."""
+"""Sink attention: typed inputs (inputs.py), metadata builder, torch path (CPU)
+and Triton path (GPU)."""
 
 from __future__ import annotations
 

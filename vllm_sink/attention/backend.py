@@ -29,6 +29,12 @@ from vllm.v1.attention.backend import (
 from vllm.v1.kv_cache_interface import AttentionSpec
 
 from vllm_sink.attention import cpu_kernel, torch_path
+from vllm_sink.attention.inputs import (
+    BatchLayout,
+    SinkAttentionInputs,
+    SinkVariant,
+    plan_batch,
+)
 from vllm_sink.config import SinkConfig, SinkConfigError, get_sink_config
 
 # "triton" forces the Triton kernel (on CPU it needs TRITON_INTERPRET=1);
@@ -38,32 +44,43 @@ KERNEL_ENV = "VLLM_SINK_KERNEL"
 
 @dataclass
 class SinkAttentionMetadata:
-    """Per-step batch layout.
+    """Per-step batch layout, built once by the builder for every layer.
 
-    Requests are rows; the queries of request ``r`` are tokens
-    ``query_start_loc[r] .. query_start_loc[r+1]-1`` of the batch, at absolute
-    stream indices ``context_lens[r] .. seq_lens[r]-1``. ``window_starts[r]``
-    is the first window key of its first query, ``max(S, context_lens[r]-W+1)``;
-    ``sink_counts[r] = min(S, seq_lens[r])`` sink keys are visible to its last.
+    ``layout`` is the kernel contract's part (inputs.py): the Triton path
+    gets ``max_query_len``, the torch/CPU paths the host-side ``plan`` too.
+    ``workspace`` is the builder's preallocated float32 scratch of the chosen
+    kernel (Triton split-KV partials, or the C decode's per-thread buffers);
+    the same tensor every step.
     """
 
     num_actual_tokens: int
-    max_query_len: int
-    max_seq_len: int
-    query_start_loc: torch.Tensor
-    seq_lens: torch.Tensor
-    context_lens: torch.Tensor
-    window_starts: torch.Tensor
-    sink_counts: torch.Tensor
-    block_table: torch.Tensor
+    layout: BatchLayout
     slot_mapping: torch.Tensor
-    sink: int
-    window: int
-    torch_plan: torch_path.BatchPlan | None = None  # filled by the first layer
+    workspace: torch.Tensor | None
 
 
 class SinkAttentionMetadataBuilder(AttentionMetadataBuilder[SinkAttentionMetadata]):
+    """Per-step host work (the batch plan) and scratch, as in vLLM's
+    ``triton_attn.py``.
+
+    CUDA graphs: ``UNIFORM_SINGLE_TOKEN_DECODE`` with the Triton kernel. A
+    decode-only step launches one decode grid sized by the (padded) request
+    count, reads the layout from the runner's persistent tensors, skips
+    padding requests (query length 0) and keeps its split-KV partials in the
+    builder's workspace, so a captured step replays correctly. Mixed steps are
+    not captured: whether the prefill launch runs, and its tile shape, depend
+    on ``max_query_len``, a host value fixed at capture. The torch and CPU
+    paths read the plan on the host and loop per request: ``NEVER``.
+    """
+
     _cudagraph_support: ClassVar[AttentionCGSupport] = AttentionCGSupport.NEVER
+
+    @classmethod
+    def get_cudagraph_support(cls, vllm_config, kv_cache_spec) -> AttentionCGSupport:
+        kernel = choose_kernel(torch.device(current_platform.device_type))
+        if kernel == "triton" and current_platform.device_type == "cuda":
+            return AttentionCGSupport.UNIFORM_SINGLE_TOKEN_DECODE
+        return AttentionCGSupport.NEVER
 
     def __init__(
         self,
@@ -80,6 +97,15 @@ class SinkAttentionMetadataBuilder(AttentionMetadataBuilder[SinkAttentionMetadat
                 "pass --attention-sink/--window, or drop --attention-backend CUSTOM."
             )
         self.sink_config: SinkConfig = cfg
+        self.kernel = choose_kernel(device)
+        model = vllm_config.model_config
+        self.workspace = allocate_workspace(
+            self.kernel,
+            num_heads=model.get_num_attention_heads(vllm_config.parallel_config),
+            num_kv_heads=model.get_num_kv_heads(vllm_config.parallel_config),
+            head_size=model.get_head_size(),
+            device=device,
+        )
 
     def build(
         self,
@@ -88,23 +114,43 @@ class SinkAttentionMetadataBuilder(AttentionMetadataBuilder[SinkAttentionMetadat
         fast_build: bool = False,
     ) -> SinkAttentionMetadata:
         cm = common_attn_metadata
-        sink, window = self.sink_config.sink, self.sink_config.window
-        query_lens = cm.query_start_loc[1:] - cm.query_start_loc[:-1]
-        context_lens = cm.seq_lens - query_lens
-        return SinkAttentionMetadata(
-            num_actual_tokens=cm.num_actual_tokens,
-            max_query_len=cm.max_query_len,
-            max_seq_len=cm.max_seq_len,
+        plan = None
+        if self.kernel != "triton":  # host loop per request; CPU tensors here
+            plan = plan_batch(cm.query_start_loc_cpu, cm.seq_lens)
+        layout = BatchLayout(
             query_start_loc=cm.query_start_loc,
             seq_lens=cm.seq_lens,
-            context_lens=context_lens,
-            window_starts=(context_lens - window + 1).clamp(min=sink),
-            sink_counts=cm.seq_lens.clamp(max=sink),
             block_table=cm.block_table_tensor,
-            slot_mapping=cm.slot_mapping,
-            sink=sink,
-            window=window,
+            max_query_len=cm.max_query_len,
+            plan=plan,
         )
+        return SinkAttentionMetadata(
+            num_actual_tokens=cm.num_actual_tokens,
+            layout=layout,
+            slot_mapping=cm.slot_mapping,
+            workspace=self.workspace,
+        )
+
+
+def allocate_workspace(
+    kernel: str, num_heads: int, num_kv_heads: int, head_size: int, device
+) -> torch.Tensor | None:
+    """The float32 scratch ``kernel`` needs at most, for any batch, or None."""
+    if kernel == "triton":
+        from vllm_sink.attention import triton_path
+
+        floats = triton_path.workspace_floats(
+            num_heads, num_kv_heads, head_size, torch.device(device)
+        )
+    elif kernel == "cpu":
+        floats = cpu_kernel.scratch_floats(
+            num_heads, num_kv_heads, head_size, torch.get_num_threads()
+        )
+    else:
+        return None
+    if floats == 0:
+        return None
+    return torch.empty(floats, dtype=torch.float32, device=device)
 
 
 class SinkAttentionBackend(AttentionBackend):
@@ -216,6 +262,7 @@ class SinkAttentionImpl(AttentionImpl[SinkAttentionMetadata]):
         cfg = get_sink_config(get_current_vllm_config())
         assert cfg is not None
         self.sink_config = cfg
+        self.variant = SinkVariant(cfg.sink, cfg.window, cfg.zero_sink)
         # Chosen at start-up: builds the CPU kernel now, not on the first step.
         self.kernel = choose_kernel(torch.device(current_platform.device_type))
 
@@ -233,18 +280,6 @@ class SinkAttentionImpl(AttentionImpl[SinkAttentionMetadata]):
             return
         torch_path.write_kv(key, value, kv_cache, slot_mapping)
 
-    def _carry_factor(self, query: torch.Tensor, rope) -> tuple[torch.Tensor, float]:
-        """Query and softmax scale with the table's ``qk_factor`` applied to the
-        rotated dims (vllm_sink/rope.py's invariant: the table rows are unit)."""
-        factor = rope.qk_factor
-        if factor == 1.0:
-            return query, self.scale
-        if rope.rotary_dim == self.head_size:
-            return query, self.scale * factor
-        heads = query.reshape(query.shape[0], -1, self.head_size).clone()
-        heads[..., : rope.rotary_dim] *= factor
-        return heads.view(query.shape), self.scale
-
     def forward(
         self,
         layer: AttentionLayer,
@@ -261,40 +296,25 @@ class SinkAttentionImpl(AttentionImpl[SinkAttentionMetadata]):
             raise NotImplementedError("sink attention has no fused output quant")
         if attn_metadata is None:  # profiling run
             return output
-        rope = layer.sink_rope  # type: ignore[attr-defined]
         n = attn_metadata.num_actual_tokens
-        query, scale = self._carry_factor(query[:n], rope)
-        args = (
-            query,
-            kv_cache,
-            attn_metadata.block_table,
-            attn_metadata.query_start_loc,
-            attn_metadata.seq_lens,
-            rope.cos_sin_cache,
-            rope.rotary_dim,
-            rope.is_neox_style,
-            attn_metadata.sink,
-            attn_metadata.window,
-            scale,
-            output[:n],
+        inputs = SinkAttentionInputs(
+            query=query[:n],
+            kv_cache=kv_cache,
+            layout=attn_metadata.layout,
+            rope=layer.sink_rope,  # type: ignore[attr-defined]
+            variant=self.variant,
+            scale=self.scale,
         )
-        zero_sink = self.sink_config.zero_sink
+        workspace = attn_metadata.workspace
         if self.kernel == "triton":
-            from vllm_sink.attention.triton_path import sink_attention_triton
+            from vllm_sink.attention import triton_path
 
-            extra = {"zero_sink": True} if zero_sink else {}
-            sink_attention_triton(
-                *args, max_query_len=attn_metadata.max_query_len, **extra
-            )
+            triton_path.sink_attention_triton(inputs, output[:n], workspace=workspace)
         else:
-            if attn_metadata.torch_plan is None:
-                attn_metadata.torch_plan = torch_path.plan_batch(
-                    attn_metadata.query_start_loc, attn_metadata.seq_lens
-                )
             torch_path.sink_attention(
-                *args,
-                zero_sink=zero_sink,
-                plan=attn_metadata.torch_plan,
+                inputs,
+                output[:n],
                 compiled_decode=self.kernel == "cpu",
+                workspace=workspace,
             )
         return output

@@ -12,7 +12,9 @@
 // Work is split over (request, KV head). Keys are visited TILE at a time in
 // one pass with a running softmax (as in flash attention), so each K/V row is
 // read once. Hot loops use GCC vector extensions (8 floats, lowered to the
-// machine's SIMD) with accumulators held in registers.
+// machine's SIMD) with accumulators held in registers. Scratch comes from the
+// caller (sink_scratch_floats floats, one slice per thread; the metadata
+// builder allocates it once), so a call allocates nothing.
 //
 // Layouts: query/out [B, Hq, D], D a multiple of 8, heads contiguous, any
 // row stride; kv_cache [blocks, Hkv, bs, 2*D] (keys then values; any strides
@@ -21,8 +23,8 @@
 // cos_sin [positions, R] float32 (cos in the first R/2 columns, sin after).
 
 #include <math.h>
+#include <omp.h>
 #include <stdint.h>
-#include <stdlib.h>
 #include <string.h>
 
 enum { DTYPE_F32 = 0, DTYPE_BF16 = 1, DTYPE_F16 = 2 };
@@ -177,12 +179,25 @@ static inline float exp_nonpositive(float x) {
   return y * scale;
 }
 
-// Attention of request b's query heads that share KV head h. Returns 0, or 1
-// when the scratch buffer could not be allocated.
-static int attend_one(const char *query, const char *kv_cache,
-                      const int32_t *block_table, const int32_t *seq_lens,
-                      const float *cos_sin, const DecodeShape *s, char *out,
-                      int64_t b, int64_t h) {
+// Floats of scratch one (request, KV head) task needs: weights [G][TILE],
+// running max and sum [G], a converted key [D], the rotated key [D], converted
+// values [TILE][D] (16-bit caches only), the queries and the outputs [G][D].
+static int64_t task_floats(const DecodeShape *s) {
+  const int64_t D = s->head_size, G = s->num_heads / s->num_kv_heads;
+  return G * TILE + 2 * G + (2 + TILE + 2 * G) * D;
+}
+
+// Floats of the scratch buffer sink_decode takes: one task's per thread.
+int64_t sink_scratch_floats(const DecodeShape *s) {
+  return s->num_threads * task_floats(s);
+}
+
+// Attention of request b's query heads that share KV head h, using the
+// scratch floats at weights (task_floats(s) of them, this thread's own).
+static void attend_one(const char *query, const char *kv_cache,
+                       const int32_t *block_table, const int32_t *seq_lens,
+                       const float *cos_sin, const DecodeShape *s, char *out,
+                       float *weights, int64_t b, int64_t h) {
   const int64_t D = s->head_size, G = s->num_heads / s->num_kv_heads;
   const int64_t elem = elem_size(s->dtype);
   const int64_t t = (int64_t)seq_lens[b] - 1;
@@ -195,12 +210,6 @@ static int attend_one(const char *query, const char *kv_cache,
   const int64_t head0 = (b * s->query_stride + h * G * D);
   const int32_t *row = block_table + b * s->row_stride;
 
-  // Scratch: weights [G][TILE], running max and sum [G], a converted key [D],
-  // the rotated key [D], converted values [TILE][D] (16-bit caches only), the
-  // queries and the outputs [G][D] in float32.
-  float *weights =
-      malloc(sizeof(float) * (G * TILE + 2 * G + (2 + TILE + 2 * G) * D));
-  if (weights == NULL) return 1;
   float *run_max = weights + G * TILE, *run_sum = run_max + G;
   float *key_buf = run_sum + G, *rotated = key_buf + D, *value_buf = rotated + D;
   float *q = value_buf + TILE * D, *o = q + G * D;
@@ -260,22 +269,20 @@ static int attend_one(const char *query, const char *kv_cache,
   }
   const int64_t out0 = b * s->out_stride + h * G * D;
   store_row(out + elem_size(s->out_dtype) * out0, o, G * D, s->out_dtype);
-  free(weights);
-  return 0;
 }
 
-// Entry point. Returns the number of (request, head) pairs that failed.
-int sink_decode(const void *query, const void *kv_cache,
-                const int32_t *block_table, const int32_t *seq_lens,
-                const float *cos_sin, const DecodeShape *s, void *out) {
-  int failed = 0;
-#pragma omp parallel for collapse(2) schedule(static) \
-    num_threads(s->num_threads) reduction(+ : failed)
+// Entry point. scratch holds sink_scratch_floats(s) floats, allocated by the
+// caller once (not per request, head and layer); thread i uses slice i.
+void sink_decode(const void *query, const void *kv_cache,
+                 const int32_t *block_table, const int32_t *seq_lens,
+                 const float *cos_sin, const DecodeShape *s, void *out,
+                 float *scratch) {
+  const int64_t per_task = task_floats(s);
+#pragma omp parallel for collapse(2) schedule(static) num_threads(s->num_threads)
   for (int64_t b = 0; b < s->batch; b++)
     for (int64_t h = 0; h < s->num_kv_heads; h++)
-      failed += attend_one(query, kv_cache, block_table, seq_lens, cos_sin, s,
-                           out, b, h);
-  return failed;
+      attend_one(query, kv_cache, block_table, seq_lens, cos_sin, s, out,
+                 scratch + omp_get_thread_num() * per_task, b, h);
 }
 
 typedef struct {

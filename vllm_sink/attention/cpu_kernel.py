@@ -7,8 +7,10 @@ KV head), rotating each key while it is read, and writes new K/V rows with
 plain copies instead of two indexed assignments. It is built with the system C
 compiler (``$CC``, else ``cc``/``gcc``) into the vllm-sink cache, keyed by the
 source, the flags and the CPU, and called through ctypes: no torch headers, no
-build step at install time. Without a compiler, the torch path is used and a
-warning says why. ``torch_path.py`` stays the reference the tests compare with.
+build step at install time. Its scratch is a float32 tensor from the caller
+(``scratch_floats``; the metadata builder preallocates it). Without a
+compiler, the torch path is used and a warning says why. ``torch_path.py``
+stays the reference the tests compare with.
 """
 
 from __future__ import annotations
@@ -26,6 +28,7 @@ from pathlib import Path
 
 import torch
 
+from vllm_sink.attention.inputs import SinkAttentionInputs
 from vllm_sink.tiny_models import default_cache_dir
 
 logger = logging.getLogger("vllm_sink")
@@ -142,11 +145,14 @@ def library() -> ctypes.CDLL | None:
             err,
         )
         return None
-    lib.sink_decode.restype = ctypes.c_int
+    lib.sink_decode.restype = None
     lib.sink_decode.argtypes = [ctypes.c_void_p] * 5 + [
         ctypes.POINTER(DecodeShape),
         ctypes.c_void_p,
+        ctypes.c_void_p,
     ]
+    lib.sink_scratch_floats.restype = ctypes.c_int64
+    lib.sink_scratch_floats.argtypes = [ctypes.POINTER(DecodeShape)]
     lib.sink_has_float16.restype = ctypes.c_int
     lib.sink_write_kv.restype = None
     lib.sink_write_kv.argtypes = [ctypes.c_void_p] * 4 + [ctypes.POINTER(WriteShape)]
@@ -191,47 +197,66 @@ def _float_table(cos_sin: torch.Tensor, rows: int) -> torch.Tensor:
     return entry[1]
 
 
-def sink_decode(
-    query: torch.Tensor,
-    kv_cache: torch.Tensor,
-    block_table: torch.Tensor,
-    seq_lens: torch.Tensor,
-    cos_sin: torch.Tensor,
-    rotary_dim: int,
-    is_neox_style: bool,
-    sink: int,
-    window: int,
-    scale: float,
-    zero_sink: bool = False,
-    out: torch.Tensor | None = None,
-) -> torch.Tensor:
-    """Decode attention, one query per request; fills and returns ``out``.
+def scratch_floats(
+    num_heads: int, num_kv_heads: int, head_size: int, num_threads: int
+) -> int:
+    """Float32 elements of the scratch :func:`sink_decode` needs: one task's
+    worth per thread (cpu_decode.c, ``sink_scratch_floats``)."""
+    lib = library()
+    assert lib is not None, "see supports()"
+    shape = DecodeShape(
+        num_heads=num_heads,
+        num_kv_heads=num_kv_heads,
+        head_size=head_size,
+        num_threads=num_threads,
+    )
+    return int(lib.sink_scratch_floats(ctypes.byref(shape)))
 
-    ``query`` [B, Hq, D]; ``kv_cache`` [blocks, Hkv, bs, 2D]; ``block_table``
-    [B, max_blocks]; ``seq_lens`` [B] (the query is token ``seq_len - 1``);
-    ``cos_sin`` [positions >= S+W, rotary_dim] (vLLM's rotary table); ``out``
-    [B, Hq, D] (default: new, in the query's dtype). Conversions between
-    dtypes happen inside the kernel.
+
+def sink_decode(
+    inputs: SinkAttentionInputs,
+    out: torch.Tensor | None = None,
+    *,
+    workspace: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """Decode attention, one query per request (``query[r]`` is request
+    ``r``'s last token); fills and returns ``out``.
+
+    ``out`` [B, Hq, D] defaults to a new tensor in the query's dtype; dtypes
+    convert inside the kernel. ``workspace`` is float32 scratch of at least
+    :func:`scratch_floats` elements (the metadata builder allocates it once);
+    without it, or when it is too small, one buffer is allocated for this call.
     """
     lib = library()
     assert lib is not None, "see supports()"
+    inputs = inputs.with_unit_rotary()
+    query, kv_cache, layout, rope = (
+        inputs.query, inputs.kv_cache, inputs.layout, inputs.rope,
+    )  # fmt: skip
+    sink, window = inputs.variant.sink, inputs.variant.window
     if out is None:
         out = torch.empty(query.shape, dtype=query.dtype)
-    assert cos_sin.shape[0] >= sink + window, "rope table shorter than S+W"
+    assert rope.cos_sin_cache.shape[0] >= sink + window, "rope table shorter than S+W"
     batch, num_heads, head_size = query.shape
+    block_table, seq_lens = layout.block_table, layout.seq_lens
     if block_table.dtype != torch.int32 or block_table.stride(1) != 1:
         block_table = block_table.to(torch.int32).contiguous()
     if seq_lens.dtype != torch.int32 or not seq_lens.is_contiguous():
         seq_lens = seq_lens.to(torch.int32).contiguous()
-    table = _float_table(cos_sin, sink + window)
+    table = _float_table(rope.cos_sin_cache, sink + window)
     shape = DecodeShape(
         batch, num_heads, kv_cache.shape[1], head_size, kv_cache.shape[2],
         block_table.stride(0), *kv_cache.stride()[:3], query.stride(0),
-        out.stride(0), rotary_dim, is_neox_style, sink, window, zero_sink,
-        torch.get_num_threads(), DTYPE_CODES[kv_cache.dtype],
-        DTYPE_CODES[query.dtype], DTYPE_CODES[out.dtype], scale,
+        out.stride(0), rope.rotary_dim, rope.is_neox_style, sink, window,
+        inputs.variant.zero_sink, torch.get_num_threads(),
+        DTYPE_CODES[kv_cache.dtype], DTYPE_CODES[query.dtype],
+        DTYPE_CODES[out.dtype], inputs.scale,
     )  # fmt: skip
-    failed = lib.sink_decode(
+    needed = lib.sink_scratch_floats(ctypes.byref(shape))
+    if workspace is None or workspace.numel() < needed:
+        workspace = torch.empty(needed, dtype=torch.float32)
+    assert workspace.dtype == torch.float32 and workspace.is_contiguous()
+    lib.sink_decode(
         query.data_ptr(),
         kv_cache.data_ptr(),
         block_table.data_ptr(),
@@ -239,9 +264,8 @@ def sink_decode(
         table.data_ptr(),
         ctypes.byref(shape),
         out.data_ptr(),
+        workspace.data_ptr(),
     )
-    if failed:
-        raise MemoryError(f"sink decode kernel: {failed} scratch buffers not allocated")
     return out
 
 

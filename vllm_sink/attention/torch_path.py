@@ -21,32 +21,38 @@ the logical per-layer view [num_blocks, num_kv_heads, block_size, 2*head_size]
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+import functools
+from dataclasses import replace
 
 import torch
+
+from vllm_sink.attention.inputs import (
+    BatchLayout,
+    BatchPlan,
+    RopeTable,
+    SinkAttentionInputs,
+    plan_batch,
+)
+
+__all__ = ["BatchPlan", "plan_batch", "rotate", "sink_attention", "write_kv"]
 
 QUERY_TILE = 256
 
 
-def rotate(
-    x: torch.Tensor,
-    positions: torch.Tensor,
-    cos_sin_cache: torch.Tensor,
-    rotary_dim: int,
-    is_neox_style: bool,
-) -> torch.Tensor:
+def rotate(x: torch.Tensor, positions: torch.Tensor, rope: RopeTable) -> torch.Tensor:
     """Rotate ``x`` [..., heads, head_size] by per-row ``positions`` [...].
 
     Positions may be negative. Computed in float32 into one new tensor (no
     concatenations: this runs on every key read); dims past rotary_dim pass.
     """
-    cos_sin = cos_sin_cache[positions.abs()].float()
+    rotary_dim = rope.rotary_dim
+    cos_sin = rope.cos_sin_cache[positions.abs()].float()
     cos, sin = cos_sin.chunk(2, dim=-1)
     sin = torch.where((positions < 0)[..., None], -sin, sin)
     cos, sin = cos.unsqueeze(-2), sin.unsqueeze(-2)
     x = x.float()
     out = torch.empty(x.shape, dtype=torch.float32, device=x.device)
-    if is_neox_style:
+    if rope.is_neox_style:
         half = rotary_dim // 2
         x1, x2 = x[..., :half], x[..., half:rotary_dim]
         o1, o2 = out[..., :half], out[..., half:rotary_dim]
@@ -148,20 +154,15 @@ def _attend(
 
 
 def _attend_tile(
-    query: torch.Tensor,
-    kv_cache: torch.Tensor,
-    block_row: torch.Tensor,
-    first: int,
-    last: int,
-    rope: tuple[torch.Tensor, int, bool],
-    sink: int,
-    window: int,
-    scale: float,
-    zero_sink: bool = False,
+    inputs: SinkAttentionInputs, tokens: slice, block_row: torch.Tensor, first: int
 ) -> torch.Tensor:
-    """Attention for the queries at absolute indices first..last of one request."""
+    """Attention for the queries ``tokens`` of one request, at absolute indices
+    ``first`` .. ``first + len - 1``."""
+    query, kv_cache, rope = inputs.query[tokens], inputs.kv_cache, inputs.rope
+    sink, window = inputs.variant.sink, inputs.variant.window
     device = query.device
     span = sink + window
+    last = first + query.shape[0] - 1
     base = max(0, last - (span - 1))
     t = torch.arange(first, last + 1, device=device)
     sink_pos = torch.arange(min(sink, last + 1), device=device)
@@ -172,10 +173,10 @@ def _attend_tile(
 
     num_kv_heads, head_size = kv_cache.shape[1], query.shape[-1]
     q = query.view(len(t), num_kv_heads, -1, head_size)
-    q_win = rotate(q, (t - base)[:, None], *rope)
-    q_sink = rotate(q, t.clamp(max=span - 1)[:, None], *rope)
-    k_win = rotate(k_win, win_pos - base, *rope)
-    k_sink = rotate(k_sink, sink_pos, *rope)
+    q_win = rotate(q, (t - base)[:, None], rope)
+    q_sink = rotate(q, t.clamp(max=span - 1)[:, None], rope)
+    k_win = rotate(k_win, win_pos - base, rope)
+    k_sink = rotate(k_sink, sink_pos, rope)
 
     window_start = (t - window + 1).clamp(min=sink)
     sink_mask = sink_pos[None, :] <= t[:, None]
@@ -191,39 +192,31 @@ def _attend_tile(
         k_win[None],
         v[None],
         mask[None],
-        scale,
-        zero_sink,
+        inputs.scale,
+        inputs.variant.zero_sink,
     )
     return out[0].flatten(1, 2)
 
 
 def _torch_decodes(
-    query: torch.Tensor,
-    kv_cache: torch.Tensor,
-    block_table: torch.Tensor,
-    seq_lens: torch.Tensor,
-    rope: tuple[torch.Tensor, int, bool],
-    sink: int,
-    window: int,
-    scale: float,
-    longest: int,
-    zero_sink: bool = False,
-    out: torch.Tensor | None = None,
+    inputs: SinkAttentionInputs, out: torch.Tensor, longest: int
 ) -> torch.Tensor:
-    """One query per request (its last token), all requests batched; returns
-    float32 [B, Hq, D], or copies into ``out`` when given (and returns it).
+    """Decode attention in torch ops: request ``r`` has one query, ``query[r]``
+    (a decode-only batch, see :func:`decode_batch`); writes and returns ``out``.
 
-    With one query per request the query is left unrotated (position 0) and
-    each key is rotated by its rank minus the query's: ``j - t`` for window keys,
-    ``i - min(t, S+W-1)`` for sinks, all in ``(-(S+W), 0]``. ``longest`` is the
-    largest of ``seq_lens``: no request reads more than ``min(S, longest)`` sink
-    keys and ``min(W, longest - S)`` window keys.
+    The query is left unrotated (position 0) and each key is rotated by its
+    rank minus the query's: ``j - t`` for window keys, ``i - min(t, S+W-1)``
+    for sinks, all in ``(-(S+W), 0]``. ``longest`` is the largest of
+    ``seq_lens``: no request reads more than ``min(S, longest)`` sink keys and
+    ``min(W, longest - S)`` window keys.
     """
+    query, kv_cache, layout = inputs.query, inputs.kv_cache, inputs.layout
+    sink, window = inputs.variant.sink, inputs.variant.window
     device = query.device
     span = sink + window
     num_sink = min(sink, longest)
     num_win = min(window, max(longest - sink, 0))
-    t = (seq_lens.long() - 1).to(device)[:, None]  # [B, 1]
+    t = (layout.seq_lens.long() - 1).to(device)[:, None]  # [B, 1]
     window_start = (t - window + 1).clamp(min=sink)
     sink_pos = torch.arange(num_sink, device=device).expand(len(t), num_sink)
     win_pos = window_start + torch.arange(num_win, device=device)
@@ -236,129 +229,89 @@ def _torch_decodes(
     distance = query_rank - positions  # >= 0: keys rotate by -distance
 
     block_size = kv_cache.shape[2]
-    blocks = torch.gather(block_table.long(), 1, positions // block_size)
+    blocks = torch.gather(layout.block_table.long(), 1, positions // block_size)
     kv = kv_cache[blocks, :, positions % block_size, :]  # [B, K, Hkv, 2D]
     k, v = kv.chunk(2, dim=-1)
-    k = rotate(k, -distance, *rope)
+    k = rotate(k, -distance, inputs.rope)
 
     num_kv_heads, head_size = kv_cache.shape[1], query.shape[-1]
-    q = query.view(len(t), num_kv_heads, -1, head_size).float()  # [B, Hkv, G, D]
+    q = query[: len(t)].view(len(t), num_kv_heads, -1, head_size).float()
     scores = q @ k.permute(0, 2, 3, 1)  # [B, Hkv, G, K]
-    probs = _softmax(scores, mask[:, None, None], scale, zero_sink)
-    result = (probs @ v.permute(0, 2, 1, 3).float()).flatten(1, 2)  # [B, Hq, D]
-    if out is None:
-        return result
-    out.copy_(result)
+    probs = _softmax(
+        scores, mask[:, None, None], inputs.scale, inputs.variant.zero_sink
+    )
+    out.copy_((probs @ v.permute(0, 2, 1, 3).float()).flatten(1, 2))
     return out
 
 
 def _compiled_decodes(
-    query: torch.Tensor,
-    kv_cache: torch.Tensor,
-    block_table: torch.Tensor,
-    seq_lens: torch.Tensor,
-    rope: tuple[torch.Tensor, int, bool],
-    sink: int,
-    window: int,
-    scale: float,
+    inputs: SinkAttentionInputs,
+    out: torch.Tensor,
     longest: int,
-    zero_sink: bool = False,
-    out: torch.Tensor | None = None,
+    workspace: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    """:func:`_torch_decodes` in one compiled pass (cpu_decode.c), where it
-    runs; writes into ``out`` when given (and returns it)."""
-    # Imported here: gpu_kernel_check.py loads this file alone, without the package.
+    """:func:`_torch_decodes` in one compiled pass (cpu_decode.c), where it runs."""
+    # Imported here: cpu_kernel needs a C compiler only when it is used.
     from vllm_sink.attention import cpu_kernel
 
-    if not cpu_kernel.supports(query, kv_cache, out):
-        return _torch_decodes(
-            query, kv_cache, block_table, seq_lens, rope, sink, window, scale,
-            longest, zero_sink, out,
-        )  # fmt: skip
-    return cpu_kernel.sink_decode(
-        query, kv_cache, block_table, seq_lens, *rope, sink, window, scale,
-        zero_sink, out,
-    )  # fmt: skip
+    if not cpu_kernel.supports(inputs.query, inputs.kv_cache, out):
+        return _torch_decodes(inputs, out, longest)
+    return cpu_kernel.sink_decode(inputs, out, workspace=workspace)
 
 
-@dataclass
-class BatchPlan:
-    """Host-side layout of one step's batch, the same for every layer.
-
-    ``decode_rows``/``decode_tokens``: the requests with one query and the
-    batch index of that query; ``all_decode`` when they are the whole batch in
-    order (query ``r`` is request ``r``).
-    """
-
-    starts: list[int]
-    lens: list[int]
-    decode_rows: torch.Tensor
-    decode_tokens: torch.Tensor
-    longest_decode: int
-    all_decode: bool
-
-
-def plan_batch(query_start_loc: torch.Tensor, seq_lens: torch.Tensor) -> BatchPlan:
-    """Read the batch layout on the host once per step."""
-    starts = query_start_loc.tolist()
-    lens = seq_lens.tolist()
-    decodes = [r for r in range(len(lens)) if starts[r + 1] - starts[r] == 1]
-    return BatchPlan(
-        starts=starts,
-        lens=lens,
-        decode_rows=torch.tensor(decodes, device=seq_lens.device),
-        decode_tokens=torch.tensor(
-            [starts[r] for r in decodes], device=seq_lens.device
+def decode_batch(inputs: SinkAttentionInputs, plan: BatchPlan) -> SinkAttentionInputs:
+    """The call cut down to its one-query requests (request ``r`` -> query ``r``)."""
+    if plan.all_decode:
+        num_reqs = len(plan.lens)
+        layout = replace(
+            inputs.layout,
+            query_start_loc=inputs.layout.query_start_loc[: num_reqs + 1],
+            block_table=inputs.layout.block_table[:num_reqs],
+            max_query_len=1,
+            plan=None,
+        )
+        return replace(inputs, query=inputs.query[:num_reqs], layout=layout)
+    rows, tokens = plan.decode_rows, plan.decode_tokens
+    layout = BatchLayout(
+        query_start_loc=torch.arange(
+            len(rows) + 1, dtype=torch.int32, device=rows.device
         ),
-        longest_decode=max((lens[r] for r in decodes), default=0),
-        all_decode=len(decodes) == len(lens) and starts[-1] == len(lens),
+        seq_lens=inputs.layout.seq_lens[rows],
+        block_table=inputs.layout.block_table[rows],
+        max_query_len=1,
     )
+    return replace(inputs, query=inputs.query[tokens], layout=layout)
 
 
 def sink_attention(
-    query: torch.Tensor,
-    kv_cache: torch.Tensor,
-    block_table: torch.Tensor,
-    query_start_loc: torch.Tensor,
-    seq_lens: torch.Tensor,
-    cos_sin_cache: torch.Tensor,
-    rotary_dim: int,
-    is_neox_style: bool,
-    sink: int,
-    window: int,
-    scale: float,
+    inputs: SinkAttentionInputs,
     out: torch.Tensor,
-    zero_sink: bool = False,
-    plan: BatchPlan | None = None,
+    *,
     compiled_decode: bool = False,
+    workspace: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Attention of every query token of the batch; writes and returns ``out``.
 
-    ``query_start_loc`` [R+1] and ``seq_lens`` [R] (tokens after this step) are
-    read on the host, unless ``plan`` (from :func:`plan_batch`) already holds
-    them. Requests with one query are batched together; ``compiled_decode``
-    runs them with the compiled CPU kernel (cpu_kernel.py) instead of torch ops.
+    The batch layout is read on the host once per step: ``inputs.layout.plan``
+    when the builder made it, else here. Requests with one query are batched
+    together; ``compiled_decode`` runs them with the compiled CPU kernel
+    (cpu_kernel.py, scratch in ``workspace`` when given) instead of torch ops.
     """
-    if plan is None:
-        plan = plan_batch(query_start_loc, seq_lens)
-    starts, lens = plan.starts, plan.lens
-    rope = (cos_sin_cache, rotary_dim, is_neox_style)
-    decode = _compiled_decodes if compiled_decode else _torch_decodes
+    inputs = inputs.with_unit_rotary()
+    plan = inputs.layout.planned()
+    decode = _torch_decodes
+    if compiled_decode:
+        decode = functools.partial(_compiled_decodes, workspace=workspace)
     if plan.all_decode:
-        decode(
-            query, kv_cache, block_table[: len(lens)], seq_lens, rope, sink,
-            window, scale, plan.longest_decode, zero_sink, out[: len(lens)],
-        )  # fmt: skip
+        decode(decode_batch(inputs, plan), out[: len(plan.lens)], plan.longest_decode)
         return out
     if len(plan.decode_rows):
-        rows, tokens = plan.decode_rows, plan.decode_tokens
-        result = decode(
-            query[tokens], kv_cache, block_table[rows], seq_lens[rows], rope,
-            sink, window, scale, plan.longest_decode, zero_sink,
-        )  # fmt: skip
-        out[tokens] = result.to(out.dtype)
+        decodes = decode_batch(inputs, plan)
+        result = torch.empty(decodes.query.shape, dtype=out.dtype, device=out.device)
+        out[plan.decode_tokens] = decode(decodes, result, plan.longest_decode)
     # A tile no longer than S+W keeps every rotary position in (-(S+W), S+W).
-    tile_len = min(QUERY_TILE, sink + window)
+    tile_len = min(QUERY_TILE, inputs.variant.span)
+    starts, lens = plan.starts, plan.lens
     for r in range(len(lens)):
         num_queries = starts[r + 1] - starts[r]
         if num_queries <= 1:
@@ -367,16 +320,8 @@ def sink_attention(
         for lo in range(0, num_queries, tile_len):
             hi = min(lo + tile_len, num_queries)
             tile = slice(starts[r] + lo, starts[r] + hi)
-            out[tile] = _attend_tile(
-                query[tile],
-                kv_cache,
-                block_table[r],
-                first_pos + lo,
-                first_pos + hi - 1,
-                rope,
-                sink,
-                window,
-                scale,
-                zero_sink,
-            ).to(out.dtype)
+            block_row = inputs.layout.block_table[r]
+            out[tile] = _attend_tile(inputs, tile, block_row, first_pos + lo).to(
+                out.dtype
+            )
     return out

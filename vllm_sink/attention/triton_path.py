@@ -1,10 +1,11 @@
 """Sink attention over a paged pre-RoPE KV cache, as Triton kernels.
 
-Same arguments and semantics as ``torch_path.sink_attention`` (DESIGN.md §1):
-the query at absolute index ``t`` attends to sink keys ``0 .. min(S, t+1)-1``
-and window keys ``max(S, t-W+1) .. t``; keys are rotated at read from the
-model's cos/sin table. No vLLM import: this module runs where only torch and
-Triton are installed (and on CPU tensors under ``TRITON_INTERPRET=1``).
+Takes the typed inputs of ``inputs.py``, as ``torch_path.sink_attention``
+(semantics: DESIGN.md §1): the query at absolute index ``t`` attends to sink
+keys ``0 .. min(S, t+1)-1`` and window keys ``max(S, t-W+1) .. t``; keys are
+rotated at read from the model's cos/sin table. No vLLM import: this module
+runs where only torch and Triton are installed (and on CPU tensors under
+``TRITON_INTERPRET=1``).
 
 Kernel layout (one kernel, two launch shapes, then an optional reduce):
 
@@ -53,6 +54,8 @@ from dataclasses import dataclass
 import torch
 import triton
 import triton.language as tl
+
+from vllm_sink.attention.inputs import SinkAttentionInputs
 
 LOG2E = 1.4426950408889634
 # Flash-decoding: aim for this many programs per SM, and give each split at
@@ -522,6 +525,16 @@ def _decode_launch(
     )
 
 
+def _auto_splits(programs: int, target: int, max_kv_tiles: int) -> int:
+    """Parts per decode request that fill ``target`` programs (a power of
+    two, at most ``max_kv_tiles / MIN_TILES_PER_SPLIT``); 1 when already full."""
+    if programs >= target:
+        return 1
+    want = triton.next_power_of_2(triton.cdiv(target, programs))
+    cap = _prev_pow2(max(1, max_kv_tiles // MIN_TILES_PER_SPLIT))
+    return max(1, min(want, cap, MAX_KV_SPLITS))
+
+
 def _num_kv_splits(
     tiles: TritonTiles,
     device: torch.device,
@@ -531,211 +544,226 @@ def _num_kv_splits(
 ) -> int:
     """Decode splits: enough programs for ~PROGRAMS_PER_SM waves on the GPU.
 
-    A power of two, at most ``max_kv_tiles / MIN_TILES_PER_SPLIT``. Uses only
-    host-known sizes (no sync). Off CUDA the default is 1.
+    Uses only host-known sizes (no sync). Off CUDA the default is 1.
     """
     if tiles.num_kv_splits is not None:
         return max(1, tiles.num_kv_splits)
     if device.type != "cuda":
         return 1
     target = PROGRAMS_PER_SM * _sm_count(device.index or 0)
-    programs = num_reqs * num_kv_heads
-    if programs >= target:
-        return 1
-    want = triton.next_power_of_2(triton.cdiv(target, programs))
-    cap = _prev_pow2(max(1, max_kv_tiles // MIN_TILES_PER_SPLIT))
-    return max(1, min(want, cap, MAX_KV_SPLITS))
+    return _auto_splits(num_reqs * num_kv_heads, target, max_kv_tiles)
 
 
-def _check_args(
-    query: torch.Tensor,
-    kv_cache: torch.Tensor,
-    out: torch.Tensor,
-    cos_sin_cache: torch.Tensor,
-    rotary_dim: int,
-) -> None:
+def _d_pad(head_size: int) -> int:
+    return max(16, triton.next_power_of_2(head_size))
+
+
+def workspace_floats(
+    num_heads: int, num_kv_heads: int, head_size: int, device: torch.device
+) -> int:
+    """Float32 scratch the decode launch's split-KV partials need at most, for
+    any batch size, under the automatic split rule (0 off CUDA, where it does
+    not split). Splits only happen while ``R * Hkv`` is under the target, so
+    the bound is small (~4 * target * GQA partials of ``D_PAD + 2`` floats)."""
+    if device.type != "cuda":
+        return 0
+    target = PROGRAMS_PER_SM * _sm_count(device.index or 0)
+    partials = max(
+        r * num_heads * _auto_splits(r * num_kv_heads, target, 1 << 30)
+        for r in range(1, max(1, target // num_kv_heads) + 1)
+    )
+    return partials * (_d_pad(head_size) + 2)
+
+
+def _check_args(inputs: SinkAttentionInputs, out: torch.Tensor) -> None:
+    query, kv_cache, rope = inputs.query, inputs.kv_cache, inputs.rope
     _, num_heads, head_size = query.shape
     _, num_kv_heads, _, kv_width = kv_cache.shape
+    rotary_dim = rope.rotary_dim
     if kv_width != 2 * head_size:
         raise ValueError(f"kv_cache last dim {kv_width} != 2 * head_size {head_size}")
     if num_heads % num_kv_heads:
         raise ValueError(f"{num_heads} query heads not a multiple of {num_kv_heads}")
     if rotary_dim % 2 or not 0 <= rotary_dim <= head_size:
         raise ValueError(f"rotary_dim {rotary_dim} must be even and <= {head_size}")
-    if rotary_dim and cos_sin_cache.shape[-1] != rotary_dim:
+    if rotary_dim and rope.cos_sin_cache.shape[-1] != rotary_dim:
         raise ValueError(
-            f"cos_sin_cache width {cos_sin_cache.shape[-1]} != {rotary_dim}"
+            f"cos_sin_cache width {rope.cos_sin_cache.shape[-1]} != {rotary_dim}"
         )
     if kv_cache.dtype not in _TL_DTYPES or out.shape != query.shape:
         raise ValueError(f"unsupported kv dtype {kv_cache.dtype} or out shape")
 
 
-@dataclass(frozen=True)
-class _Call:
-    """Kernel arguments shared by the prefill and decode launches of one call."""
-
-    tensors: tuple
-    scalars: tuple
-    constexprs: dict
-
-    def launch(
-        self, grid: tuple, shape: _Launch, parts: tuple, splits: int, decode: bool
-    ) -> None:
-        _sink_attn_kernel[grid](
-            *self.tensors,
-            *parts,
-            *self.scalars,
-            splits,
-            BLOCK_Q=shape.block_q,
-            ROWS=shape.rows,
-            BLOCK_N=shape.block_n,
-            DECODE=decode,
-            SPLIT=splits > 1,
-            num_warps=shape.num_warps,
-            num_stages=shape.num_stages,
-            **self.constexprs,
-        )
-
-
-def _make_call(
-    query: torch.Tensor,
-    kv_cache: torch.Tensor,
-    block_table: torch.Tensor,
-    query_start_loc: torch.Tensor,
-    seq_lens: torch.Tensor,
-    cos_sin_cache: torch.Tensor,
-    rotary_dim: int,
-    is_neox_style: bool,
-    sink: int,
-    window: int,
-    scale: float,
-    out: torch.Tensor,
-    zero_sink: bool = False,
-) -> _Call:
+def _kernel_args(inputs: SinkAttentionInputs, out: torch.Tensor) -> dict:
+    """Keyword arguments of ``_sink_attn_kernel`` shared by the prefill and
+    decode launches of one call (all but the launch shape and the partials)."""
+    query, kv_cache, layout, rope = (
+        inputs.query, inputs.kv_cache, inputs.layout, inputs.rope,
+    )  # fmt: skip
     num_heads, head_size = query.shape[1:]
+    rotary_dim = rope.rotary_dim
     dot_dtype = _TL_DTYPES[kv_cache.dtype]
     if _INTERPRETED and dot_dtype == tl.bfloat16:
         dot_dtype = tl.float32
     group = num_heads // kv_cache.shape[1]
-    tensors = (
-        query,
-        kv_cache,
-        out,
-        block_table,
-        query_start_loc.contiguous(),
-        seq_lens.contiguous(),
-        cos_sin_cache.contiguous() if rotary_dim else cos_sin_cache,
-    )
-    scalars = (
-        *query.stride(),
-        *kv_cache.stride(),
-        *out.stride(),
-        *block_table.stride(),
-        tensors[-1].stride(0) if rotary_dim else 0,
-        seq_lens.shape[0],
-        num_heads,
-        sink,
-        window,
-        float(scale) * LOG2E,
-    )
-    constexprs = dict(
+    cos_sin = rope.cos_sin_cache.contiguous() if rotary_dim else rope.cos_sin_cache
+    axes = {  # kernel stride names: stride_<tensor>_<axis>
+        "q": (query, "thd"),
+        "kv": (kv_cache, "bhsd"),
+        "o": (out, "thd"),
+        "bt": (layout.block_table, "rb"),
+    }
+    stride_args = {
+        f"stride_{name}_{axis}": stride
+        for name, (tensor, letters) in axes.items()
+        for axis, stride in zip(letters, tensor.stride())
+    }
+    return dict(
+        q_ptr=query,
+        kv_ptr=kv_cache,
+        out_ptr=out,
+        bt_ptr=layout.block_table,
+        qsl_ptr=layout.query_start_loc.contiguous(),
+        seq_lens_ptr=layout.seq_lens.contiguous(),
+        cs_ptr=cos_sin,
+        **stride_args,
+        cs_stride=cos_sin.stride(0) if rotary_dim else 0,
+        num_reqs=layout.num_reqs,
+        num_heads=num_heads,
+        sink=inputs.variant.sink,
+        window=inputs.variant.window,
+        qk_scale=float(inputs.scale) * LOG2E,
         HEAD=head_size,
-        D_PAD=max(16, triton.next_power_of_2(head_size)),
+        D_PAD=_d_pad(head_size),
         GROUP=group,
         G_PAD=triton.next_power_of_2(group),
         KV_BLOCK=kv_cache.shape[2],
         ROT_DIM=rotary_dim,
         HALF_PAD=max(16, triton.next_power_of_2(rotary_dim // 2)),
         REST_PAD=max(16, triton.next_power_of_2(head_size - rotary_dim)),
-        IS_NEOX=bool(is_neox_style),
+        IS_NEOX=bool(rope.is_neox_style),
         DOT_DTYPE=dot_dtype,
         DOT_PRECISION="ieee" if kv_cache.dtype == torch.float32 else "tf32",
-        ZERO_SINK=bool(zero_sink),
+        ZERO_SINK=bool(inputs.variant.zero_sink),
     )
-    return _Call(tensors, scalars, constexprs)
+
+
+def _launch(
+    args: dict, grid: tuple, shape: _Launch, decode: bool, partials=None
+) -> None:
+    """One launch of ``_sink_attn_kernel``; ``partials`` (acc, ml) splits the
+    decode KV over ``acc.shape[2]`` programs per request."""
+    out = args["out_ptr"]
+    part_acc, part_ml = partials or (out, out)  # unread without SPLIT
+    _sink_attn_kernel[grid](
+        **args,
+        part_acc_ptr=part_acc,
+        part_ml_ptr=part_ml,
+        num_splits=part_acc.shape[2] if partials else 1,
+        BLOCK_Q=shape.block_q,
+        ROWS=shape.rows,
+        BLOCK_N=shape.block_n,
+        DECODE=decode,
+        SPLIT=partials is not None,
+        num_warps=shape.num_warps,
+        num_stages=shape.num_stages,
+    )
 
 
 def _reduce_splits(
-    call: _Call, part_acc: torch.Tensor, part_ml: torch.Tensor, out: torch.Tensor
+    args: dict, part_acc: torch.Tensor, part_ml: torch.Tensor, out: torch.Tensor
 ) -> None:
     num_reqs, num_heads, splits, d_pad = part_acc.shape
+    stride_o_t, stride_o_h, stride_o_d = out.stride()
     _reduce_kernel[(num_reqs, num_heads)](
-        out,
-        call.tensors[4],
-        part_acc,
-        part_ml,
-        *out.stride(),
-        num_heads,
-        splits,
-        HEAD=call.constexprs["HEAD"],
+        out_ptr=out,
+        qsl_ptr=args["qsl_ptr"],
+        part_acc_ptr=part_acc,
+        part_ml_ptr=part_ml,
+        stride_o_t=stride_o_t,
+        stride_o_h=stride_o_h,
+        stride_o_d=stride_o_d,
+        num_heads=num_heads,
+        num_splits=splits,
+        HEAD=args["HEAD"],
         D_PAD=d_pad,
         SPLITS_PAD=max(2, triton.next_power_of_2(splits)),
-        ZERO_SINK=call.constexprs["ZERO_SINK"],
+        ZERO_SINK=args["ZERO_SINK"],
         num_warps=4,
     )
 
 
+def _partials(
+    num_reqs: int,
+    num_heads: int,
+    splits: int,
+    d_pad: int,
+    workspace: torch.Tensor | None,
+    device: torch.device,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Split-KV partials (acc [R, Hq, splits, D_PAD], max/sum [.., 2]) as views
+    of ``workspace``; a fresh buffer only when none or too small is given."""
+    count = num_reqs * num_heads * splits
+    needed = count * (d_pad + 2)
+    if workspace is None or workspace.numel() < needed:
+        workspace = torch.empty(needed, dtype=torch.float32, device=device)
+    part_acc = workspace[: count * d_pad].view(num_reqs, num_heads, splits, d_pad)
+    part_ml = workspace[count * d_pad : needed].view(num_reqs, num_heads, splits, 2)
+    return part_acc, part_ml
+
+
 def sink_attention_triton(
-    query: torch.Tensor,
-    kv_cache: torch.Tensor,
-    block_table: torch.Tensor,
-    query_start_loc: torch.Tensor,
-    seq_lens: torch.Tensor,
-    cos_sin_cache: torch.Tensor,
-    rotary_dim: int,
-    is_neox_style: bool,
-    sink: int,
-    window: int,
-    scale: float,
+    inputs: SinkAttentionInputs,
     out: torch.Tensor,
     *,
-    max_query_len: int | None = None,
     tiles: TritonTiles | None = None,
-    zero_sink: bool = False,
+    workspace: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Attention of every query token of the batch; writes and returns ``out``.
 
-    Same contract as ``torch_path.sink_attention``. ``max_query_len`` sizes the
-    prefill tiles and decides whether the prefill launch runs; with it given
-    the call does no host sync (``None`` reads it from ``query_start_loc``).
-    ``cos_sin_cache`` needs at least S+W rows; ``rotary_dim = 0`` skips rotary.
-    ``zero_sink`` adds exp(0) to every softmax denominator.
+    Same contract as ``torch_path.sink_attention``. ``inputs.layout.max_query_len``
+    sizes the prefill tiles and decides whether the prefill launch runs; with
+    it given the call does no host sync (``None`` reads it from the device).
+    ``workspace`` (float32, contiguous, :func:`workspace_floats` elements,
+    preallocated by the metadata builder) holds the split-KV partials, so a
+    call allocates nothing and can be captured in a CUDA graph.
     """
-    _check_args(query, kv_cache, out, cos_sin_cache, rotary_dim)
+    inputs = inputs.with_unit_rotary()
+    _check_args(inputs, out)
     tiles = tiles or TritonTiles()
+    query, layout, variant = inputs.query, inputs.layout, inputs.variant
     num_tokens, num_heads = query.shape[:2]
-    num_kv_heads = kv_cache.shape[1]
-    num_reqs = seq_lens.shape[0]
+    num_kv_heads = inputs.kv_cache.shape[1]
+    num_reqs = layout.num_reqs
     if num_tokens == 0 or num_reqs == 0:
         return out
+    max_query_len = layout.max_query_len
     if max_query_len is None:
-        max_query_len = int((query_start_loc[1:] - query_start_loc[:-1]).max())
-    call = _make_call(
-        query, kv_cache, block_table, query_start_loc, seq_lens, cos_sin_cache,
-        rotary_dim, is_neox_style, sink, window, scale, out, zero_sink,
-    )  # fmt: skip
-    d_pad, group_pad = call.constexprs["D_PAD"], call.constexprs["G_PAD"]
+        qsl = layout.query_start_loc
+        max_query_len = int((qsl[1:] - qsl[:-1]).max())
+    args = _kernel_args(inputs, out)
+    dtype, d_pad, group_pad = inputs.kv_cache.dtype, args["D_PAD"], args["G_PAD"]
 
     if max_query_len > 1:
         shape = _prefill_launch(
-            tiles, kv_cache.dtype, d_pad, group_pad, sink + window, max_query_len
+            tiles, dtype, d_pad, group_pad, variant.span, max_query_len
         )
         grid = (num_tokens // shape.block_q + num_reqs, num_kv_heads)
-        call.launch(grid, shape, (out, out), 1, decode=False)
+        _launch(args, grid, shape, decode=False)
 
-    shape = _decode_launch(tiles, kv_cache.dtype, d_pad, group_pad)
-    max_kv_tiles = triton.cdiv(sink, shape.block_n) + triton.cdiv(window, shape.block_n)
+    shape = _decode_launch(tiles, dtype, d_pad, group_pad)
+    max_kv_tiles = triton.cdiv(variant.sink, shape.block_n) + triton.cdiv(
+        variant.window, shape.block_n
+    )
     splits = _num_kv_splits(
         tiles, query.device, num_reqs, num_kv_heads, max_kv_tiles + 1
     )
     if splits == 1:
-        call.launch((num_reqs, num_kv_heads, 1), shape, (out, out), 1, decode=True)
+        _launch(args, (num_reqs, num_kv_heads, 1), shape, decode=True)
         return out
-    part_acc = query.new_empty(
-        (num_reqs, num_heads, splits, d_pad), dtype=torch.float32
+    partials = _partials(num_reqs, num_heads, splits, d_pad, workspace, query.device)
+    _launch(
+        args, (num_reqs, num_kv_heads, splits), shape, decode=True, partials=partials
     )
-    part_ml = query.new_empty((num_reqs, num_heads, splits, 2), dtype=torch.float32)
-    grid = (num_reqs, num_kv_heads, splits)
-    call.launch(grid, shape, (part_acc, part_ml), splits, decode=True)
-    _reduce_splits(call, part_acc, part_ml, out)
+    _reduce_splits(args, *partials, out)
     return out
