@@ -44,7 +44,7 @@ from typing import Any
 
 import numpy as np
 
-from vllm_sink.tiny_models import default_cache_dir
+from vllm_sink import default_cache_dir
 
 ORACLE_PATH = Path(__file__).resolve().parents[1] / "tests" / "oracle.py"
 CACHE_FORMAT = 1

@@ -35,7 +35,7 @@ from pathlib import Path
 
 import numpy as np
 
-from vllm_sink.tiny_models import default_cache_dir
+from vllm_sink import default_cache_dir
 
 BIBLE_PACKAGES = ("bible-kjv", "bible-kjv-text")
 BIBLE_RANGE = "Gen1:1-Rev22:21"

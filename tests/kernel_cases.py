@@ -203,7 +203,7 @@ def rotate64(x: torch.Tensor, pos: torch.Tensor, rotary_dim: int, neox: bool):
 
 
 def reference64(case: Case, batch: Batch, scale: float | None = None) -> torch.Tensor:
-    """DESIGN.md §1 literally, per query, in float64: rotary positions are ranks.
+    """docs/architecture.md §1 literally, per query, in float64: positions are ranks.
 
     Reads the case (S, W, rotary) and the batch's query, layout and live K/V
     only, not its kernel inputs' table. ``scale`` defaults to the inputs'."""

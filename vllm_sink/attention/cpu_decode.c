@@ -2,7 +2,7 @@
 //
 // One query per request (its last token, absolute index t = seq_len - 1). It
 // attends to sink keys 0 .. min(S, t+1)-1 and window keys max(S, t-W+1) .. t
-// (DESIGN.md section 1). The query stays unrotated; each key is rotated once,
+// (docs/architecture.md §1). The query stays unrotated; each key is rotated once,
 // while it is read, by minus its distance to the query in rank space:
 // t - j for a window key j, min(t, S+W-1) - i for sink i. Distances lie in
 // [0, S+W), so the cos/sin table is never read past S+W-1.

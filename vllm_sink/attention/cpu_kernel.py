@@ -28,8 +28,8 @@ from pathlib import Path
 
 import torch
 
+from vllm_sink import default_cache_dir
 from vllm_sink.attention.inputs import SinkAttentionInputs
-from vllm_sink.tiny_models import default_cache_dir
 
 logger = logging.getLogger("vllm_sink")
 

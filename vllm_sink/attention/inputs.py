@@ -5,7 +5,7 @@
 (``triton_path.sink_attention_triton``), the compiled CPU decode
 (``cpu_kernel.sink_decode``), the backend, the kernel tests and
 ``benchmarks/gpu_kernel_check.py`` all build or take it. Semantics are
-DESIGN.md section 1.
+docs/architecture.md §1.
 
 vLLM-free on purpose (torch only): the GPU check runs where only torch and
 Triton are installed. ``import vllm_sink`` runs ``vllm_sink/__init__.py``,

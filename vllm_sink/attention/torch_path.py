@@ -1,7 +1,7 @@
 """Sink attention over a paged pre-RoPE KV cache, in plain torch.
 
 This is the CPU path and the reference for the Triton kernel. Semantics
-(DESIGN.md §1): the query at absolute index ``t`` attends to the sink keys
+(docs/architecture.md §1): the query at absolute index ``t`` attends to the sink keys
 ``0 .. min(S, t+1)-1`` and the window keys ``max(S, t-W+1) .. t``.
 
 Rotary positions are ranks inside that set, applied at read. Scores depend only

@@ -1,7 +1,7 @@
 """Sink attention over a paged pre-RoPE KV cache, as Triton kernels.
 
 Takes the typed inputs of ``inputs.py``, as ``torch_path.sink_attention``
-(semantics: DESIGN.md §1): the query at absolute index ``t`` attends to sink
+(semantics: docs/architecture.md §1): the query at absolute index ``t`` attends to sink
 keys ``0 .. min(S, t+1)-1`` and window keys ``max(S, t-W+1) .. t``; keys are
 rotated at read from the model's cos/sin table. No vLLM import: this module
 runs where only torch and Triton are installed (and on CPU tensors under
