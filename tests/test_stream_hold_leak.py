@@ -144,3 +144,47 @@ def test_an_abort_crossing_the_capped_end_frees_the_hold(tiny_llama):
         shutdown(llm)
     assert held_before and segment_id != "s"
     assert freed
+
+
+def test_a_segment_of_an_ended_stream_is_dropped_and_a_lost_hold_recomputes(
+    tiny_llama,
+):
+    """A segment whose add reaches the engine core after its stream ended (the
+    front-end's abort and release overtook it) is dropped there, holding nothing;
+    a segment that finds no hold for a stream that did not end recomputes its
+    seed (not exact, alive) instead of stopping the engine core."""
+    from conftest import make_llm, shutdown
+    from vllm.v1.request import Request
+
+    from vllm_sink.seams import SeamMarker, holds_of
+
+    def params(stream: str, hold: bool) -> SamplingParams:
+        marker = SeamMarker(
+            stream=stream, first_block=3, cap_tokens=48, hold=hold, segment=2
+        )
+        return SamplingParams(
+            max_tokens=8, ignore_eos=True, extra_args=marker.to_extra_args(None)
+        )
+
+    llm = make_llm(tiny_llama, SINK, WINDOW, max_model_len=MAX_LEN)
+    prompt = list(range(40, 100))
+    try:
+        core = llm.llm_engine.engine_core.engine_core
+        core.sink_release("gone")  # the front-end ended stream "gone"
+        orphan = Request(
+            "gone~sink2-0a1b2c3d",
+            prompt,
+            params("gone", hold=True),
+            None,
+            block_hasher=core.request_block_hasher,
+        )
+        core.scheduler.add_request(orphan)
+        dropped = orphan.is_finished() and not core.scheduler.requests
+        (out,) = llm.generate([{"prompt_token_ids": prompt}], params("lost", False))
+        freed = llm.reset_prefix_cache()
+        held = dict(holds_of(core.scheduler).held)
+    finally:
+        shutdown(llm)
+    assert dropped
+    assert len(out.outputs[0].token_ids) == 8  # ran, from a recomputed seed
+    assert freed and not held

@@ -45,11 +45,15 @@ hit is capped at its plan) and the utilities ``EngineCore.sink_lookup`` and
 
 from __future__ import annotations
 
+import logging
 import re
 from dataclasses import asdict, dataclass
 from typing import Any
 
+logger = logging.getLogger("vllm.vllm_sink.seams")  # under vLLM's handler
+
 MARKER_KEY = "vllm_sink"
+MAX_ENDED = 4096  # streams remembered as ended, per scheduler
 SEGMENT_SEP = "~sink"
 _SEGMENT_SUFFIX = re.compile(re.escape(SEGMENT_SEP) + r"\d+$")
 
@@ -96,6 +100,7 @@ class SeamMarker:
     cap_tokens: int | None  # largest prefix-cache hit allowed (its seed), or None
     hold: bool  # keep the blocks for the next segment when this one ends capped
     carry_text: str = ""  # stream text before the seam, for stop strings (front-end)
+    segment: int = 0  # its index in the stream (0: the stream starts)
 
     def to_extra_args(self, extra_args: dict[str, Any] | None) -> dict[str, Any]:
         return {**(extra_args or {}), MARKER_KEY: asdict(self)}
@@ -131,6 +136,7 @@ class Holds:
         self.held: dict[str, dict[int, Any]] = {}  # key -> stream block -> blocks
         self.hashes: dict[str, dict[int, Any]] = {}  # key -> stream block -> hash
         self.made_by: dict[str, str] = {}  # stream hold key -> segment that made it
+        self.ended: dict[str, None] = {}  # streams ended early, oldest first
 
     # -- making holds -------------------------------------------------------
 
@@ -164,6 +170,7 @@ class Holds:
         tokens, or ``(p, 0)`` when no seam is worth it (a prefix hit of the
         plain first segment then finds what is cached).
         """
+        self.ended.pop(key, None)  # a new stream with that id
         if not self.manager.enable_caching:
             return self.pinned, 0
         hashes = self._chain(token_ids, 0, len(token_ids) // self.block_size, None)
@@ -180,23 +187,33 @@ class Holds:
 
     # -- using them ---------------------------------------------------------
 
-    def admit(self, request: Any, marker: SeamMarker) -> None:
-        """Re-chain a segment's hashes and turn the stream hold into its seed hold."""
+    def admit(self, request: Any, marker: SeamMarker) -> bool:
+        """Re-chain a segment's hashes and turn the stream hold into its seed hold.
+
+        False for an orphan: a segment of a stream that already ended (its add
+        overtaken by the stream's abort and release), which must not run.
+        """
+        if marker.segment == 0:
+            self.ended.pop(marker.stream, None)  # a new stream with that id
         key = "stream:" + marker.stream
         blocks, hashes = self.held.pop(key, None), self.hashes.pop(key, {})
         self.made_by.pop(key, None)
         k0 = marker.first_block
-        if k0 > self.pinned:
-            if blocks is None or k0 - 1 not in hashes:
-                raise RuntimeError(
-                    f"vllm-sink: segment {request.request_id} continues stream "
-                    f"{marker.stream} at block {k0}, but the engine holds no "
-                    "blocks for it (the previous segment was not capped, or the "
-                    "stream was aborted). This is a bug in the stream front-end."
-                )
+        if k0 > self.pinned and k0 - 1 not in hashes:
+            if marker.stream in self.ended:
+                return False
+            # Not exact (its seed is recomputed as a plain prompt), but alive.
+            logger.warning(
+                "vllm-sink: segment %s continues stream %s at block %d, but the "
+                "engine holds nothing for it; it recomputes its seed.",
+                request.request_id,
+                marker.stream,
+                k0,
+            )
+        elif k0 > self.pinned:
             self._rechain(request, hashes[k0 - 1])
         if blocks is None:
-            return
+            return True
         cap_blocks = (marker.cap_tokens or 0) // self.block_size - self.pinned + k0
         seed = {
             i: row
@@ -207,6 +224,15 @@ class Holds:
             b for i, row in blocks.items() if i not in seed for b in row
         )
         self.held[request.request_id] = seed
+        return True
+
+    def end(self, stream: str) -> None:
+        """A stream ended early: drop its hold, and refuse a segment of it that
+        arrives later (remembering the last ``MAX_ENDED`` streams)."""
+        self.release("stream:" + stream)
+        self.ended[stream] = None
+        if len(self.ended) > MAX_ENDED:
+            del self.ended[next(iter(self.ended))]
 
     def release(self, key: str) -> None:
         blocks = self.held.pop(key, None)
@@ -299,9 +325,15 @@ def install() -> None:
     @wrap_method(Scheduler, "add_request", reason="seams: re-chain, hold", diff=diff)
     def add_request(original, self, request):
         marker = SeamMarker.of(request)
-        if marker is not None and self.kv_cache_manager.enable_caching:
-            holds_of(self).admit(request, marker)
-        return original(self, request)
+        if marker is None or not self.kv_cache_manager.enable_caching:
+            return original(self, request)
+        if holds_of(self).admit(request, marker):
+            return original(self, request)
+        # Its stream ended: vLLM's front-end forgot it, so nothing waits for it.
+        logger.info("vllm-sink: dropped %s (its stream ended)", request.request_id)
+        result = original(self, request)
+        self.finish_requests(request.request_id, RequestStatus.FINISHED_ABORTED)
+        return result
 
     @wrap_method(Scheduler, "_free_request", reason="seams: hold blocks", diff=diff)
     def free_request(original, self, request, *args, **kwargs):
@@ -322,7 +354,7 @@ def install() -> None:
         if holds is not None and finished_status == RequestStatus.FINISHED_ABORTED:
             ids = [request_ids] if isinstance(request_ids, str) else request_ids
             for request_id in list(ids or ()):
-                holds.release(stream_hold_of(self, request_id))
+                holds.end(stream_hold_of(self, request_id).removeprefix("stream:"))
         return original(self, request_ids, finished_status)
 
     @wrap_method(
@@ -375,6 +407,6 @@ def install() -> None:
 
     def sink_release(self, stream: str) -> None:
         """Utility: drop what is held for a stream that ended between segments."""
-        holds_of(self.scheduler).release("stream:" + stream)
+        holds_of(self.scheduler).end(stream)
 
     add_method(EngineCore, "sink_release", sink_release, reason="seams", diff=diff)

@@ -210,6 +210,7 @@ class Stream:
             cap_tokens=cap,
             hold=prefill_only or left > gen_room,
             carry_text=self.carry,
+            segment=self.segments,
         )
         params.extra_args = marker.to_extra_args(self.params.extra_args)
         suffix = f"{SEGMENT_SEP}{self.segments}" if self.segments else ""
