@@ -396,6 +396,8 @@ def cmd_decode_ab(args) -> dict:
             for age, ts in per_age.items()
         }
         out[mode] = rows
+        if args.json:  # after each mode: a time limit may stop the next one
+            args.json.write_text(json.dumps({"partial": out}, indent=1))
         print(
             f"\n{mode}: old streams (~{args.old + args.prompt} tokens) vs young "
             f"(~{args.prompt}..{args.prompt + n}), steps alternating, ms per step"
