@@ -422,7 +422,9 @@ def main(argv: list[str] | None = None) -> int:
     print(f"proto-lean vs shipped sink path: max abs diff {err_lean:.2e}")
     if max(c + q for c, q in zip(context, layout)) <= args.sink + args.window:
         err_plain = float((plain() - ref).abs().max())
-        print(f"plain vs sink (dense range): max abs diff {err_plain:.2e}")
+        # Not expected to be ~0: the CPU kernel keeps its own (ISA-specific)
+        # layout inside the cache blocks; ``plain`` is here for timing only.
+        print(f"plain vs sink (timing reference only): max abs diff {err_plain:.2e}")
     fns = {"plain": plain}
     for t in (int(x) for x in args.tiles.split(",")):
         fns[f"sink tile={t}"] = lambda t=t: run_sink(step, t)
