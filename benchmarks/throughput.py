@@ -14,6 +14,12 @@ All rows are measured side by side in one run (machines are shared and noisy):
    --stream-len tokens, against a HF transformers token-at-a-time loop with a
    sink+window cache at batch 1 (tests/oracle.py, the pre-paged approach).
 3. Overhead: sink mode vs plain vLLM on streams shorter than S+W.
+4. Prefill (``--only prefill``, issue 22): prompt tokens per second of plain
+   vLLM and sink mode (same S+W) on prompts of --prefill-lengths tokens,
+   --prefill-batches prompts at once, with vLLM's default chunk
+   (max_num_batched_tokens) and with --prefill-chunks; engines of both kinds
+   stay up and every (length, batch) alternates plain / sink, --prefill-reps
+   times. Dense runs while the prompt fits the model's context.
 """
 
 from __future__ import annotations
@@ -46,7 +52,21 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--dtype", default="float32")
     parser.add_argument("--json", type=Path, default=None)
     parser.add_argument("--png", type=Path, default=None)
-    parser.add_argument("--only", default="decode,concurrency,overhead")
+    parser.add_argument("--only", default="decode,concurrency,overhead,prefill")
+    parser.add_argument("--prefill-lengths", default="512,1024,4096,8192,16384")
+    parser.add_argument("--prefill-batches", default="1,4")
+    parser.add_argument(
+        "--prefill-chunks",
+        default="default,2048",
+        help="max_num_batched_tokens per engine pair; 'default' is vLLM's",
+    )
+    parser.add_argument("--prefill-reps", type=int, default=2)
+    parser.add_argument(
+        "--prefill-max-tokens",
+        type=int,
+        default=65536,
+        help="skip (length, batch) pairs with more prompt tokens than this",
+    )
     return parser.parse_args(argv)
 
 
@@ -294,6 +314,110 @@ def bench_overhead(model: str, args, rows: list[dict]) -> None:
         )  # fmt: skip
 
 
+def model_context(model: str) -> int:
+    """The model's own context (max_position_embeddings): dense vLLM's limit."""
+    from transformers import AutoConfig
+
+    return int(AutoConfig.from_pretrained(model).max_position_embeddings)
+
+
+def prefill_time(llm, length: int, batch: int, salt: int) -> dict:
+    """Wall time to prefill ``batch`` prompts of ``length`` (max_tokens=1)."""
+    from vllm import SamplingParams
+
+    engine_ = llm.llm_engine
+    params = SamplingParams(max_tokens=1, temperature=0, detokenize=False)
+    ids = [f"pf{salt}-{i}" for i in range(batch)]
+    t0 = time.perf_counter()
+    for i, rid in enumerate(ids):
+        prompt = {"prompt_token_ids": prompt_of(length, salt=salt * 64 + i)}
+        engine_.add_request(rid, prompt, params)
+    steps = 0
+    while engine_.has_unfinished_requests():
+        engine_.step()
+        steps += 1
+    seconds = time.perf_counter() - t0
+    return {"s": seconds, "tok_s": batch * length / seconds, "steps": steps}
+
+
+def bench_prefill(model: str, args, rows: list[dict]) -> None:
+    """Plain vLLM vs sink mode prefill, interleaved (module docstring, 4)."""
+    lengths = [int(x) for x in args.prefill_lengths.split(",")]
+    batches = [int(x) for x in args.prefill_batches.split(",")]
+    pairs = [
+        (n, b) for n in lengths for b in batches if n * b <= args.prefill_max_tokens
+    ]
+    context = model_context(model)
+    span = args.sink + args.window
+    for chunk in args.prefill_chunks.split(","):
+        tokens = None if chunk == "default" else int(chunk)
+        dense_pairs = [(n, b) for n, b in pairs if n + 1 <= context]
+        engines = {}
+        if dense_pairs:
+            dense_len = max(span, max(n for n, _ in dense_pairs) + 1)
+            engines["dense"] = engine(
+                model, args, sink=False, max_model_len=dense_len,
+                max_num_batched_tokens=tokens,
+            )  # fmt: skip
+        sink_len = max(2 * span + 64, max(n for n, _ in pairs) + 1)
+        engines["sink"] = engine(
+            model, args, sink=True, max_model_len=sink_len,
+            max_num_batched_tokens=tokens,
+        )  # fmt: skip
+        resolved = {
+            m: llm.llm_engine.vllm_config.scheduler_config.max_num_batched_tokens
+            for m, llm in engines.items()
+        }
+        for llm in engines.values():  # warm-up
+            prefill_time(llm, min(lengths), 1, salt=999)
+        runs: dict[tuple[str, int, int], list[dict]] = {}
+        for rep in range(args.prefill_reps):
+            for n, b in pairs:
+                for method, llm in engines.items():
+                    if method == "dense" and (n, b) not in dense_pairs:
+                        continue
+                    r = prefill_time(llm, n, b, salt=rep)
+                    runs.setdefault((method, n, b), []).append(r)
+                    print(
+                        f"prefill {method:5s} chunk={resolved[method]:<5d} "
+                        f"N={n:6d} x{b}  {r['tok_s']:8.1f} tok/s  "
+                        f"({r['s']:.2f} s, {r['steps']} steps)",
+                        flush=True,
+                    )
+        for (method, n, b), rs in runs.items():
+            median = statistics.median(r["s"] for r in rs)
+            rows.append(
+                {"bench": "prefill", "method": method, "length": n, "batch": b,
+                 "chunk": resolved[method], "chunk_arg": chunk, "s": median,
+                 "tok_s": n * b / median, "steps": rs[0]["steps"],
+                 "tok_s_reps": [r["tok_s"] for r in rs]}
+            )  # fmt: skip
+        for llm in engines.values():
+            shutdown(llm)
+    print_prefill_table(rows)
+
+
+def print_prefill_table(rows: list[dict]) -> None:
+    pre = [r for r in rows if r["bench"] == "prefill"]
+    if not pre:
+        return
+    print("\nprefill tok/s (median):  chunk  length  batch   dense    sink  sink/dense")
+    keys = sorted({(r["chunk"], r["length"], r["batch"]) for r in pre})
+    for chunk, n, b in keys:
+        got = {
+            r["method"]: r
+            for r in pre
+            if (r["chunk"], r["length"], r["batch"]) == (chunk, n, b)
+        }
+        d, s = got.get("dense"), got.get("sink")
+        ratio = f"{s['tok_s'] / d['tok_s']:10.2f}" if d and s else f"{'-':>10s}"
+        print(
+            f"{'':25s}{chunk:6d} {n:7d} {b:6d} "
+            f"{d['tok_s'] if d else float('nan'):7.0f} "
+            f"{s['tok_s'] if s else float('nan'):7.0f} {ratio}"
+        )
+
+
 def summarize(rows: list[dict]) -> list[str]:
     lines = []
 
@@ -333,10 +457,65 @@ def summarize(rows: list[dict]) -> list[str]:
                 f"overhead vs plain vLLM below S+W, {n} stream(s): "
                 f"{100 * (s['step_ms'] / d['step_ms'] - 1):+.1f}% (target <= +10%)"
             )
+    pre = [r for r in rows if r["bench"] == "prefill" and r["method"] == "sink"]
+    for s in pre:
+        d = pick_prefill(rows, "dense", s)
+        if d:
+            lines.append(
+                f"prefill sink/dense tok/s, {s['length']} x{s['batch']} "
+                f"chunk {s['chunk']}: {s['tok_s'] / d['tok_s']:.2f} (target >= 1)"
+            )
     return lines
 
 
+def pick_prefill(rows: list[dict], method: str, like: dict) -> dict | None:
+    for r in rows:
+        if (
+            r["bench"] == "prefill"
+            and r["method"] == method
+            and all(r[k] == like[k] for k in ("length", "batch", "chunk"))
+        ):
+            return r
+    return None
+
+
+def plot_prefill(rows: list[dict], path: Path) -> None:
+    """Prefill tok/s vs prompt length, one panel per chunk size."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    pre = [r for r in rows if r["bench"] == "prefill"]
+    chunks = sorted({r["chunk"] for r in pre})
+    fig, axes = plt.subplots(1, len(chunks), figsize=(5.5 * len(chunks), 3.8))
+    axes = [axes] if len(chunks) == 1 else list(axes)
+    for ax, chunk in zip(axes, chunks):
+        for method, style in (("dense", "s--"), ("sink", "o-")):
+            for b in sorted({r["batch"] for r in pre}):
+                pts = sorted(
+                    (r["length"], r["tok_s"])
+                    for r in pre
+                    if r["chunk"] == chunk and r["method"] == method and r["batch"] == b
+                )
+                if pts:
+                    ax.plot(*zip(*pts), style, label=f"{method} x{b}")
+        ax.set(
+            xscale="log",
+            xlabel="prompt length (tokens)",
+            ylabel="prompt tokens / s",
+            title=f"prefill, max_num_batched_tokens={chunk}",
+        )
+        ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=90)
+
+
 def plot(rows: list[dict], path: Path) -> None:
+    if not any(r["bench"] in ("decode", "concurrency") for r in rows):
+        if any(r["bench"] == "prefill" for r in rows):
+            plot_prefill(rows, path)
+        return
     import matplotlib
 
     matplotlib.use("Agg")
@@ -395,6 +574,8 @@ def main(argv: list[str] | None = None) -> int:
         bench_decode(model, args, rows)
     if "overhead" in only:
         bench_overhead(model, args, rows)
+    if "prefill" in only:
+        bench_prefill(model, args, rows)
     print("\n".join(["", "summary:", *summarize(rows)]))
     if args.json:
         args.json.write_text(
@@ -406,6 +587,10 @@ def main(argv: list[str] | None = None) -> int:
         )
     if args.png:
         plot(rows, args.png)
+        if any(r["bench"] == "prefill" for r in rows) and any(
+            r["bench"] in ("decode", "concurrency") for r in rows
+        ):
+            plot_prefill(rows, args.png.with_name(args.png.stem + "_prefill.png"))
     return 0
 
 
