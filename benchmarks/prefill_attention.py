@@ -91,24 +91,24 @@ def run_sink(step: Step, tile: int) -> torch.Tensor:
     torch_path.QUERY_TILE = tile
     if not cpu_kernel.write_kv(step.key, step.value, step.kv_cache, step.slot_mapping):
         torch_path.write_kv(step.key, step.value, step.kv_cache, step.slot_mapping)
+    from vllm_sink.attention.inputs import (
+        BatchLayout,
+        RopeTable,
+        SinkAttentionInputs,
+        SinkVariant,
+    )
+
     out = torch.empty_like(step.query)
     plan = torch_path.plan_batch(step.qsl, step.seq_lens)
-    torch_path.sink_attention(
-        step.query,
-        step.kv_cache,
-        step.block_table,
-        step.qsl,
-        step.seq_lens,
-        step.table,
-        D,
-        True,
-        step.sink,
-        step.window,
-        step.scale,
-        out,
-        plan=plan,
-        compiled_decode=True,
+    inputs = SinkAttentionInputs(
+        query=step.query,
+        kv_cache=step.kv_cache,
+        layout=BatchLayout(step.qsl, step.seq_lens, step.block_table, plan=plan),
+        rope=RopeTable(step.table, D, True),
+        variant=SinkVariant(step.sink, step.window),
+        scale=step.scale,
     )
+    torch_path.sink_attention(inputs, out, compiled_decode=True)
     return out
 
 
@@ -253,7 +253,9 @@ def once_sink_attention(step: Step, tile: int | None = None) -> torch.Tensor:
     sink, window = step.sink, step.window
     span = sink + window
     tile = tile or span
-    rope = (step.long_table, D, True)
+    from vllm_sink.attention.inputs import RopeTable
+
+    rope = RopeTable(step.long_table, D, True)
     out = torch.empty_like(step.query)
     starts = step.qsl.tolist()
     for r, (ctx, nq) in enumerate(zip(step.context, step.layout)):
@@ -264,14 +266,14 @@ def once_sink_attention(step: Step, tile: int | None = None) -> torch.Tensor:
         keys = torch.arange(lo_key, last_all + 1)
         kv = step.kv_cache[row[keys // BS], :, keys % BS]  # [K, Hkv, 2D]
         k_win, v_win = kv[..., :D], kv[..., D:]
-        k_win = torch_path.rotate(k_win, keys - base, *rope)
+        k_win = torch_path.rotate(k_win, keys - base, rope)
         sink_pos = torch.arange(min(sink, last_all + 1))
         skv = step.kv_cache[row[sink_pos // BS], :, sink_pos % BS]
-        k_sink = torch_path.rotate(skv[..., :D], sink_pos, *rope)
+        k_sink = torch_path.rotate(skv[..., :D], sink_pos, rope)
         t_all = torch.arange(ctx, last_all + 1)
         q = step.query[starts[r] : starts[r] + nq].view(nq, HKV, -1, D)
-        q_win = torch_path.rotate(q, (t_all - base)[:, None], *rope)
-        q_sink = torch_path.rotate(q, t_all.clamp(max=span - 1)[:, None], *rope)
+        q_win = torch_path.rotate(q, (t_all - base)[:, None], rope)
+        q_sink = torch_path.rotate(q, t_all.clamp(max=span - 1)[:, None], rope)
         for a in range(0, nq, tile):
             b = min(a + tile, nq)
             t = t_all[a:b]

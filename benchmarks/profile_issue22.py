@@ -47,8 +47,11 @@ CALLS: dict[str, int] = defaultdict(int)
 
 def timed(owner, name: str, label: str | None = None) -> None:
     """Wrap ``owner.name`` (class or module attribute) with a wall-clock timer."""
-    original = getattr(owner, name)
+    original = getattr(owner, name, None)
     label = label or f"{getattr(owner, '__name__', owner)}.{name}"
+    if original is None:
+        print(f"(not timed: {label} does not exist here)")
+        return
     if getattr(original, "_issue22_timed", False):
         return
 
@@ -93,7 +96,7 @@ def install_timers() -> None:
         "remove_skipped_blocks",
         "kv.SinkWindowManager.remove_skipped_blocks",
     )
-    timed(kv_cache.SinkWindowManager, "_pinned_blocks", "kv.SinkWindowManager._pinned")
+    timed(kv_cache.SinkWindowManager, "_count_pinned", "kv.SinkWindowManager._pinned")
     timed(backend.SinkAttentionMetadataBuilder, "build", "sink.metadata_builder.build")
     timed(cpu_attn.CPUAttentionBackendImpl, "forward", "attn.plain.forward")
     timed(cpu_attn.CPUAttentionBackendImpl, "do_kv_cache_update", "attn.plain.kv_write")
