@@ -25,6 +25,7 @@ import functools
 from dataclasses import replace
 
 import torch
+import torch.nn.functional as F
 
 from vllm_sink.attention.inputs import (
     BatchLayout,
@@ -50,7 +51,7 @@ def rotate(x: torch.Tensor, positions: torch.Tensor, rope: RopeTable) -> torch.T
     cos, sin = cos_sin.chunk(2, dim=-1)
     sin = torch.where((positions < 0)[..., None], -sin, sin)
     cos, sin = cos.unsqueeze(-2), sin.unsqueeze(-2)
-    x = x.float()
+    x = x.float().contiguous()  # strided keys (a cache view) rotate 100x slower
     out = torch.empty(x.shape, dtype=torch.float32, device=x.device)
     if rope.is_neox_style:
         half = rotary_dim // 2
@@ -97,13 +98,18 @@ def write_kv(
 
 
 def _gather_kv(
-    kv_cache: torch.Tensor, block_row: torch.Tensor, positions: torch.Tensor
+    kv_cache: torch.Tensor, block_row: torch.Tensor, first: int, end: int
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Keys and values [*positions.shape, kv_heads, head_size] of one request."""
+    """Keys and values [end - first, kv_heads, head_size] of stream indices
+    ``first .. end-1`` of one request: whole blocks copied, then sliced (an
+    index per token costs several times more)."""
     block_size = kv_cache.shape[2]
-    blocks = block_row[positions // block_size].long()
-    kv = kv_cache[blocks, :, positions % block_size, :]
-    return kv.chunk(2, dim=-1)
+    end = max(first, end)
+    lo, hi = first // block_size, -(-end // block_size)
+    blocks = kv_cache.index_select(0, block_row[lo:hi].long())
+    tokens = blocks.transpose(1, 2).flatten(0, 1)  # [blocks * bs, kv_heads, 2D]
+    offset = first - lo * block_size
+    return tokens[offset : offset + end - first].chunk(2, dim=-1)
 
 
 def _softmax(
@@ -168,8 +174,8 @@ def _attend_tile(
     sink_pos = torch.arange(min(sink, last + 1), device=device)
     win_first = max(sink, first - window + 1)
     win_pos = torch.arange(win_first, max(win_first, last + 1), device=device)
-    k_sink, v_sink = _gather_kv(kv_cache, block_row, sink_pos)
-    k_win, v_win = _gather_kv(kv_cache, block_row, win_pos)
+    k_sink, v_sink = _gather_kv(kv_cache, block_row, 0, len(sink_pos))
+    k_win, v_win = _gather_kv(kv_cache, block_row, win_first, win_first + len(win_pos))
 
     num_kv_heads, head_size = kv_cache.shape[1], query.shape[-1]
     q = query.view(len(t), num_kv_heads, -1, head_size)
@@ -196,6 +202,33 @@ def _attend_tile(
         inputs.variant.zero_sink,
     )
     return out[0].flatten(1, 2)
+
+
+def _dense_request(
+    inputs: SinkAttentionInputs, tokens: slice, block_row: torch.Tensor, first: int
+) -> torch.Tensor:
+    """A request whose queries all lie below S+W, at absolute indices ``first``
+    ...: there ``V(t)`` is ``0..t`` and every rank is the absolute index, so this
+    is dense causal attention at absolute positions, one fused SDPA call (the
+    tiled path's mask and score tensors would cost several times more)."""
+    query, rope = inputs.query[tokens], inputs.rope
+    positions = torch.arange(first + query.shape[0], device=query.device)
+    k, v = _gather_kv(inputs.kv_cache, block_row, 0, len(positions))
+    k = rotate(k, positions, rope)
+    q = rotate(query, positions[first:], rope)
+    mask = None
+    if first:  # the chunk's queries see the request's earlier keys too
+        mask = positions[None, :] <= positions[first:, None]
+    out = F.scaled_dot_product_attention(
+        q.transpose(0, 1)[None],
+        k.transpose(0, 1)[None],
+        v.float().transpose(0, 1)[None],
+        attn_mask=mask,
+        is_causal=not first,
+        scale=inputs.scale,
+        enable_gqa=True,
+    )
+    return out[0].transpose(0, 1)
 
 
 def _torch_decodes(
@@ -310,13 +343,20 @@ def sink_attention(
         result = torch.empty(decodes.query.shape, dtype=out.dtype, device=out.device)
         out[plan.decode_tokens] = decode(decodes, result, plan.longest_decode)
     # A tile no longer than S+W keeps every rotary position in (-(S+W), S+W).
-    tile_len = min(QUERY_TILE, inputs.variant.span)
+    span = inputs.variant.span
+    tile_len = min(QUERY_TILE, span)
     starts, lens = plan.starts, plan.lens
     for r in range(len(lens)):
         num_queries = starts[r + 1] - starts[r]
         if num_queries <= 1:
             continue
         first_pos = lens[r] - num_queries
+        if lens[r] <= span and not inputs.variant.zero_sink:
+            tokens = slice(starts[r], starts[r + 1])
+            block_row = inputs.layout.block_table[r]
+            dense = _dense_request(inputs, tokens, block_row, first_pos)
+            out[tokens] = dense.to(out.dtype)
+            continue
         for lo in range(0, num_queries, tile_len):
             hi = min(lo + tile_len, num_queries)
             tile = slice(starts[r] + lo, starts[r] + hi)
