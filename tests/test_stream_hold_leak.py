@@ -26,8 +26,26 @@ from vllm import SamplingParams
 SINK, WINDOW, MAX_LEN = 4, 20, 128
 
 
-def test_cancel_while_the_next_segment_is_added_frees_the_hold(tiny_llama, monkeypatch):
+def async_engine(model: str):
+    """A sink-mode AsyncLLM that rolls a stream over every MAX_LEN tokens."""
     from vllm.engine.arg_utils import AsyncEngineArgs
+    from vllm.v1.engine.async_llm import AsyncLLM
+
+    return AsyncLLM.from_engine_args(
+        AsyncEngineArgs(
+            model=model,
+            dtype="float32",
+            enforce_eager=True,
+            block_size=16,
+            max_model_len=MAX_LEN,
+            max_num_seqs=4,
+            max_num_batched_tokens=64,
+            additional_config={"attention_sink": {"sink": SINK, "window": WINDOW}},
+        )
+    )
+
+
+def test_cancel_while_the_next_segment_is_added_frees_the_hold(tiny_llama, monkeypatch):
     from vllm.v1.engine.async_llm import AsyncLLM
 
     original_add = AsyncLLM.add_request
@@ -40,18 +58,7 @@ def test_cancel_while_the_next_segment_is_added_frees_the_hold(tiny_llama, monke
         return await original_add(self, request_id, *args, **kwargs)
 
     async def run() -> bool:
-        engine = AsyncLLM.from_engine_args(
-            AsyncEngineArgs(
-                model=tiny_llama,
-                dtype="float32",
-                enforce_eager=True,
-                block_size=16,
-                max_model_len=MAX_LEN,
-                max_num_seqs=4,
-                max_num_batched_tokens=64,
-                additional_config={"attention_sink": {"sink": SINK, "window": WINDOW}},
-            )
-        )
+        engine = async_engine(tiny_llama)
         try:
             assert await engine.reset_prefix_cache()  # nothing held yet
             monkeypatch.setattr(AsyncLLM, "add_request", add_request)
@@ -78,7 +85,6 @@ def test_caller_leaving_mid_segment_frees_the_hold_after_the_abort(
     vLLM's abort is slow: the segment ends capped (the engine core holds its
     blocks) and vLLM then sends no abort at all. The front-end's release must
     come after the abort, not before the segment ended."""
-    from vllm.engine.arg_utils import AsyncEngineArgs
     from vllm.v1.engine.async_llm import AsyncLLM
 
     wrapped_abort = AsyncLLM.abort
@@ -88,18 +94,7 @@ def test_caller_leaving_mid_segment_frees_the_hold_after_the_abort(
         return await wrapped_abort(self, *args, **kwargs)
 
     async def run() -> bool:
-        engine = AsyncLLM.from_engine_args(
-            AsyncEngineArgs(
-                model=tiny_llama,
-                dtype="float32",
-                enforce_eager=True,
-                block_size=16,
-                max_model_len=MAX_LEN,
-                max_num_seqs=4,
-                max_num_batched_tokens=64,
-                additional_config={"attention_sink": {"sink": SINK, "window": WINDOW}},
-            )
-        )
+        engine = async_engine(tiny_llama)
         try:
             assert await engine.reset_prefix_cache()
             monkeypatch.setattr(AsyncLLM, "abort", late_abort)

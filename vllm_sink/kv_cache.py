@@ -109,7 +109,7 @@ class SinkWindowManager(FullAttentionManager):
     ) -> None:
         del num_prompt_tokens
         window_start = max(self.sink, processed_computed_tokens - self.window + 1)
-        first_gap_block = cdiv(self.sink, self.block_size)
+        first_gap_block = self.num_pinned
         last_gap_block = max(0, window_start - self.block_size) // self.block_size
         free_before = self.block_pool.get_num_free_blocks()
         self._remove_blocks_in_range(request_id, first_gap_block, last_gap_block)
@@ -211,23 +211,23 @@ def sink_spec_from(spec: KVCacheSpec, cfg: SinkConfig) -> KVCacheSpec:
             f"--window {max(1, spec.sliding_window - cfg.sink)} or smaller."
         )
     _refuse_settings_dropped(spec)
-    taken = {f.name for f in fields(AttentionSpec)}
-    kwargs = {name: getattr(spec, name) for name in taken}
+    kwargs = {name: getattr(spec, name) for name in _CARRIED}
     return SinkWindowSpec(**kwargs, sliding_window=cfg.window, sink=cfg.sink)
 
 
-# What sink mode replaces by its own rule (the window), the rest is refused.
+# What SinkWindowSpec takes over from a layer's spec; the window it replaces by
+# its own rule; any other setting is refused.
+_CARRIED = frozenset(f.name for f in fields(AttentionSpec))
 _REPLACED = {"sliding_window"}
 
 
 def _refuse_settings_dropped(spec: KVCacheSpec) -> None:
     """A layer's spec setting that SinkWindowSpec does not carry (and its value
     is not the default) is one sink mode cannot honour: refuse it by name."""
-    carried = {f.name for f in fields(AttentionSpec)} | _REPLACED
     dropped = [
         f"{f.name}={getattr(spec, f.name)!r}"
         for f in fields(spec)
-        if f.name not in carried and getattr(spec, f.name) != _default(f)
+        if f.name not in _CARRIED | _REPLACED and getattr(spec, f.name) != _default(f)
     ]
     if dropped:
         raise SinkConfigError(

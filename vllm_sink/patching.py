@@ -135,6 +135,7 @@ def signature_of(func: Any) -> str:
 _recorded: dict[str, list[str]] | None = None  # set while recording (--record)
 
 
+@functools.cache
 def _tested_signatures() -> dict[str, list[str]]:
     return json.loads(SIGNATURES.read_text())
 
@@ -265,7 +266,7 @@ def record_signatures() -> int:
 
     import vllm_sink
 
-    _recorded = _tested_signatures() if SIGNATURES.exists() else {}
+    _recorded = json.loads(SIGNATURES.read_text()) if SIGNATURES.exists() else {}
     vllm_sink.check_vllm_version = lambda version: None  # recording ports it
     vllm_sink.register()
     SIGNATURES.write_text(json.dumps(_recorded, indent=1, sort_keys=True) + "\n")

@@ -30,7 +30,7 @@ import logging
 from typing import Any
 
 from vllm_sink.metrics import engine_stats
-from vllm_sink.seams import stream_hold_of
+from vllm_sink.seams import stream_of
 
 logger = logging.getLogger("vllm.vllm_sink.pressure")  # under vLLM's handler
 
@@ -91,7 +91,7 @@ def relieve(scheduler: Any) -> str | None:
         return None
     if promote_seeded(scheduler, holds):
         return "promoted"
-    own = {head.request_id, stream_hold_of(scheduler, head.request_id)}
+    own = {head.request_id, "stream:" + stream_of(scheduler, head.request_id)}
     key = release_one(holds, own) or release_one(holds, set())
     if key:
         engine_stats.count_released()

@@ -279,20 +279,20 @@ def _stream_block(engine_block: int, pinned: int, shift: int) -> int:
     return engine_block if engine_block < pinned else engine_block + shift
 
 
-def stream_hold_of(scheduler: Any, request_id: str) -> str:
-    """The stream hold an aborted engine id may own. vLLM suffixes the ids it
-    schedules, so the id alone does not name the stream: a live request names it
-    in its marker, and a finished one that left a hold is remembered with it (an
-    abort can arrive after its segment ended capped). Otherwise the id is the
-    stream's or a segment's id as the front-end made it."""
+def stream_of(scheduler: Any, request_id: str) -> str:
+    """The stream an aborted engine id belongs to. vLLM suffixes the ids it
+    schedules, so the id alone does not name it: a live request names it in its
+    marker, and a finished one that left a hold is remembered with it (an abort
+    can arrive after its segment ended capped). Otherwise the id is the stream's
+    or a segment's id as the front-end made it."""
     marker = SeamMarker.of(scheduler.requests.get(request_id))
     if marker is not None:
-        return "stream:" + marker.stream
+        return marker.stream
     holds = scheduler.__dict__.get("_sink_holds")
     for key, maker in (holds.made_by if holds else {}).items():
         if maker == request_id:
-            return key
-    return "stream:" + stream_key(request_id)
+            return key.removeprefix("stream:")
+    return stream_key(request_id)
 
 
 def _sink_spec(scheduler: Any) -> Any:
@@ -354,7 +354,7 @@ def install() -> None:
         if holds is not None and finished_status == RequestStatus.FINISHED_ABORTED:
             ids = [request_ids] if isinstance(request_ids, str) else request_ids
             for request_id in list(ids or ()):
-                holds.end(stream_hold_of(self, request_id).removeprefix("stream:"))
+                holds.end(stream_of(self, request_id))
         return original(self, request_ids, finished_status)
 
     @wrap_method(
