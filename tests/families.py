@@ -66,6 +66,12 @@ FAMILIES: dict[str, tuple[str, dict[str, Any]]] = {
             }
         },
     ),
+    # Hybrid local/global: 16-token local windows (own rope theta), global layers
+    # with linear scaling, as Gemma 3's 4B+ checkpoints ship.
+    "gemma3": (
+        "gemma3_text",
+        {"rope_scaling": {"rope_type": "linear", "factor": 8.0}},
+    ),
 }
 
 

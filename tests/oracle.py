@@ -15,6 +15,12 @@ projections, MLP, lm_head); attention, GQA, rotary tables and rotation are writt
 so nothing depends on HF's attention or rotary code. ``window=None`` means dense causal
 attention (positions ``0..t``), which equals HF's own forward.
 
+Hybrid local/global models (Gemma 3: ``layer_types`` mixing ``sliding_attention`` and
+``full_attention``): global layers follow the rule above; a local layer keeps its own
+``sliding_window`` ``w`` and no sinks, ``V(t) = {max(0, t-w+1) .. t}`` at ranks
+``0 .. |V(t)|-1``, with its own rotary table (``rope_parameters[layer_type]``), whatever
+``sink``/``window`` are (dense included: that is the model's own attention).
+
 Numerics: projections, norms and MLP run in ``dtype``; rotation, scores, softmax and
 the weighted sum of values run in ``promote(dtype, fp32)`` (fp32 for half types) and
 are cast back to ``dtype``. cos/sin are computed in fp32 like HF does. Logits come back
@@ -37,7 +43,8 @@ from torch import Tensor, nn
 Attend = Callable[[Tensor, Tensor, Tensor], Tensor]
 
 LLAMA_LIKE = ("llama", "mistral", "qwen2", "qwen3", "phi3")
-SUPPORTED_MODEL_TYPES = (*LLAMA_LIKE, "gpt_neox")
+SUPPORTED_MODEL_TYPES = (*LLAMA_LIKE, "gpt_neox", "gemma3_text")
+LOCAL = "sliding_attention"  # a hybrid model's local layers (layer_types)
 
 
 @dataclass(frozen=True)
@@ -53,14 +60,22 @@ class RopeSpec:
     attention_factor: float = 1.0
 
 
-def rope_spec(config: object, head_dim: int, span: int | None = None) -> RopeSpec:
+def rope_spec(
+    config: object,
+    head_dim: int,
+    span: int | None = None,
+    layer_type: str = "full_attention",
+) -> RopeSpec:
     """RoPE of a HF config: default, linear, dynamic, llama3, yarn or longrope.
 
     ``span``: the longest sequence the rotary sees (``S+W``; None = the model's
     context). Dynamic NTK and LongRoPE depend on it: within the original context
-    dynamic NTK is plain RoPE, and LongRoPE uses its short factors.
+    dynamic NTK is plain RoPE, and LongRoPE uses its short factors. Parameters kept
+    per layer type (Gemma 3) are those of ``layer_type``.
     """
     params = dict(getattr(config, "rope_parameters", None) or {})
+    if isinstance(params.get(layer_type), dict):
+        params = dict(params[layer_type])
     rope_type = params.get("rope_type", params.get("type", "default"))
     theta = float(params.get("rope_theta", getattr(config, "rope_theta", 10000.0)))
     fraction = params.get(
@@ -138,6 +153,38 @@ def rotate(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
     return torch.cat((x_rot * cos + rotated_half * sin, x_pass), dim=-1)
 
 
+class _Rotary:
+    """The fp32 cos/sin rows of one ``RopeSpec``, tabulated on demand."""
+
+    def __init__(self, rope: RopeSpec) -> None:
+        self.rope = rope
+        self._cos = self._sin = torch.empty(0, rope.rotary_dim)
+
+    def cos_sin(self, positions: Tensor) -> tuple[Tensor, Tensor]:
+        """``cos``/``sin`` ``[n, rotary_dim]`` for integer ``positions [n]``."""
+        needed = int(positions.max()) + 1 if positions.numel() else 0
+        if needed > self._cos.shape[0]:
+            size = max(needed, 2 * self._cos.shape[0], 64)
+            freqs = (
+                torch.arange(size, dtype=torch.float32)[:, None]
+                * self.rope.inv_freq[None, :]
+            )
+            emb = torch.cat((freqs, freqs), dim=-1)
+            factor = self.rope.attention_factor
+            self._cos, self._sin = emb.cos() * factor, emb.sin() * factor
+        return self._cos[positions], self._sin[positions]
+
+
+@dataclass(frozen=True)
+class LayerRule:
+    """One layer's visible set (``sink`` first tokens + last ``window``, None =
+    dense) and its rotary table."""
+
+    sink: int
+    window: int | None
+    rotary: _Rotary
+
+
 class _Arch:
     """Per-architecture wiring of an HF causal LM into embed / layer / head steps."""
 
@@ -145,6 +192,13 @@ class _Arch:
     n_kv_heads: int
     head_dim: int
     n_layers: int
+
+    @property
+    def scale(self) -> float:
+        return self.head_dim**-0.5
+
+    def layer_types(self) -> list[str]:
+        return ["full_attention"] * self.n_layers
 
     def embed(self, token: int) -> Tensor:
         raise NotImplementedError
@@ -232,12 +286,56 @@ class _GPTNeoX(_Arch):
         return self.lm_head(self.inner.final_layer_norm(x))
 
 
+class _Gemma3(_Llama):
+    """Gemma 3 text: embeddings scaled by sqrt(hidden), q/k RMSNorm, sandwich norms
+    around attention and MLP, scale ``query_pre_attn_scalar**-0.5``, local layers
+    with their own window and rotary table (``layer_types``)."""
+
+    def __init__(self, model: nn.Module) -> None:
+        super().__init__(model)
+        cfg = model.config
+        self.query_pre_attn_scalar = cfg.query_pre_attn_scalar
+        self.types = list(cfg.layer_types)
+        self.local_window = cfg.sliding_window
+        self.softcap = getattr(cfg, "final_logit_softcapping", None)
+        self.normalizer = cfg.hidden_size**0.5
+
+    @property
+    def scale(self) -> float:
+        return self.query_pre_attn_scalar**-0.5
+
+    def layer_types(self) -> list[str]:
+        return self.types
+
+    def embed(self, token: int) -> Tensor:
+        row = self.inner.embed_tokens.weight[token]
+        return row * torch.tensor(self.normalizer, dtype=row.dtype)
+
+    def layer(self, index: int, x: Tensor, attend: Attend) -> Tensor:
+        block = self.inner.layers[index]
+        attn = block.self_attn
+        q, k, v = self._qkv(attn, block.input_layernorm(x))
+        q, k = attn.q_norm(q), attn.k_norm(k)
+        out = attn.o_proj(attend(q, k, v).reshape(-1))
+        x = x + block.post_attention_layernorm(out)
+        mlp = block.mlp(block.pre_feedforward_layernorm(x))
+        return x + block.post_feedforward_layernorm(mlp)
+
+    def head(self, x: Tensor) -> Tensor:
+        logits = self.lm_head(self.inner.norm(x))
+        if self.softcap:
+            logits = torch.tanh(logits / self.softcap) * self.softcap
+        return logits
+
+
 def _wrap(model: nn.Module) -> _Arch:
     model_type = model.config.model_type
     if model_type in LLAMA_LIKE:
         return _Llama(model)
     if model_type == "gpt_neox":
         return _GPTNeoX(model)
+    if model_type == "gemma3_text":
+        return _Gemma3(model)
     raise NotImplementedError(
         f"oracle supports {SUPPORTED_MODEL_TYPES}, got {model_type!r}"
     )
@@ -307,9 +405,9 @@ class SinkStream:
         arch = oracle.arch
         self._caches = [
             _LayerCache(
-                oracle.sink, oracle.window, arch.n_kv_heads, arch.head_dim, oracle.dtype
+                rule.sink, rule.window, arch.n_kv_heads, arch.head_dim, oracle.dtype
             )
-            for _ in range(arch.n_layers)
+            for rule in oracle.rules
         ]
         self.length = 0
         self.trace_layer: int | None = None
@@ -336,7 +434,12 @@ class SinkStream:
             cache.append(self.length, k, v)
             keys, values, key_pos = cache.visible()
             out = self._oracle.attend(
-                q, keys, values, key_pos, int(key_pos.numel()) - 1
+                q,
+                keys,
+                values,
+                key_pos,
+                int(key_pos.numel()) - 1,
+                self._oracle.rules[index].rotary,
             )
             if index == self.trace_layer:
                 ct = self._oracle.compute_dtype
@@ -379,10 +482,18 @@ class SinkOracle:
         self.sink = 0 if window is None or sink is None else sink
         self.arch = _wrap(self.model)
         span = None if window is None else self.sink + window
-        self.rope = rope_spec(self.model.config, self.arch.head_dim, span)
-        self.scale = self.arch.head_dim**-0.5
-        self._inv_freq = self.rope.inv_freq
-        self._cos = self._sin = torch.empty(0, self.rope.rotary_dim)
+        self.rules = [self._rule(kind, span) for kind in self.arch.layer_types()]
+        self.rope = self.rules[-1].rotary.rope  # a global layer's (all but Gemma 3's)
+        self.scale = self.arch.scale
+
+    def _rule(self, layer_type: str, span: int | None) -> LayerRule:
+        config, head_dim = self.model.config, self.arch.head_dim
+        if layer_type == LOCAL:
+            local = self.arch.local_window  # type: ignore[attr-defined]
+            rope = rope_spec(config, head_dim, local, layer_type)
+            return LayerRule(0, local, _Rotary(rope))
+        rope = rope_spec(config, head_dim, span, layer_type)
+        return LayerRule(self.sink, self.window, _Rotary(rope))
 
     @property
     def max_position(self) -> int | None:
@@ -393,22 +504,14 @@ class SinkOracle:
         """A fresh stream at token index 0."""
         return SinkStream(self)
 
-    def cos_sin(self, positions: Tensor) -> tuple[Tensor, Tensor]:
-        """fp32 ``cos``/``sin`` ``[n, rotary_dim]`` for integer ``positions [n]``."""
-        needed = int(positions.max()) + 1 if positions.numel() else 0
-        if needed > self._cos.shape[0]:
-            size = max(needed, 2 * self._cos.shape[0], 64)
-            freqs = (
-                torch.arange(size, dtype=torch.float32)[:, None]
-                * self._inv_freq[None, :]
-            )
-            emb = torch.cat((freqs, freqs), dim=-1)
-            factor = self.rope.attention_factor
-            self._cos, self._sin = emb.cos() * factor, emb.sin() * factor
-        return self._cos[positions], self._sin[positions]
-
     def attend(
-        self, q: Tensor, keys: Tensor, values: Tensor, key_pos: Tensor, q_pos: int
+        self,
+        q: Tensor,
+        keys: Tensor,
+        values: Tensor,
+        key_pos: Tensor,
+        q_pos: int,
+        rotary: _Rotary,
     ) -> Tensor:
         """Softmax attention of one query over pre-RoPE keys, rotated here at read time.
 
@@ -417,8 +520,8 @@ class SinkOracle:
         ``repeat_kv`` order).
         """
         ct = self.compute_dtype
-        cos_k, sin_k = (x.to(ct) for x in self.cos_sin(key_pos))
-        cos_q, sin_q = (x.to(ct) for x in self.cos_sin(torch.tensor([q_pos])))
+        cos_k, sin_k = (x.to(ct) for x in rotary.cos_sin(key_pos))
+        cos_q, sin_q = (x.to(ct) for x in rotary.cos_sin(torch.tensor([q_pos])))
         q_rot = rotate(q.to(ct).unsqueeze(1), cos_q, sin_q).squeeze(1)
         k_rot = rotate(keys.to(ct), cos_k, sin_k)
         group = q.shape[0] // keys.shape[0]

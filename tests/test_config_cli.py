@@ -181,15 +181,16 @@ def test_narrow_built_in_sliding_window_is_refused():
         make_llm(model, 4, 60)
 
 
-def test_hybrid_local_global_model_is_refused():
-    """Gemma 3 style: some layers a native sliding window, others global."""
+def test_hybrid_local_window_wider_than_the_flags_window_is_refused():
+    """Gemma 3 style: local layers keep their own window, which --window must cover
+    (a stream's seams seed every layer from the global window's keys)."""
     model = make_tiny_model(
         "llama",
         sliding_window=512,
         max_position_embeddings=1024,
         layer_types=["sliding_attention", "full_attention"],
     )
-    with pytest.raises(SinkConfigError, match="hybrid local/global.*Fix: drop"):
+    with pytest.raises(SinkConfigError, match="own 512-token window.*--window 512"):
         make_llm(model, 4, 60)
 
 

@@ -177,6 +177,37 @@ def from_flags(
     )
 
 
+LOCAL_LAYER, GLOBAL_LAYER = "sliding_attention", "full_attention"
+
+
+def local_window(hf_config: Any) -> int | None:
+    """The native window of a hybrid local/global model's local layers, or None.
+
+    Hybrid: ``layer_types`` mixes ``sliding_attention`` and ``full_attention``
+    (Gemma 3). Sink mode keeps the local layers' own window (no sinks) and gives
+    the global ones the flags' sinks and window; a model whose every layer has
+    one sliding window (Mistral v0.1 style) is not hybrid: the flags replace it.
+    """
+    types = set(getattr(hf_config, "layer_types", None) or ())
+    if types == {LOCAL_LAYER, GLOBAL_LAYER}:
+        return getattr(hf_config, "sliding_window", None)
+    return None
+
+
+def layer_config(
+    cfg: SinkConfig, vllm_config: VllmConfig | None, sliding_window: int | None
+) -> SinkConfig:
+    """The rule of one attention layer whose native window is ``sliding_window``:
+    the flags' sinks and window, or, on a hybrid model's local layer, its own
+    window and no sinks (``local_window``)."""
+    model_config = getattr(vllm_config, "model_config", None)
+    if sliding_window is None or model_config is None:
+        return cfg
+    if local_window(model_config.hf_text_config) is None:
+        return cfg
+    return SinkConfig(sink=0, window=sliding_window)
+
+
 def get_sink_config(vllm_config: VllmConfig | None) -> SinkConfig | None:
     """The sink configuration of a vLLM config, or None outside sink mode."""
     if vllm_config is None:

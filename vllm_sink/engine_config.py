@@ -13,7 +13,13 @@ from __future__ import annotations
 import logging
 from typing import TYPE_CHECKING, Any
 
-from vllm_sink.config import CONFIG_KEY, SinkConfig, SinkConfigError, SinkModelLen
+from vllm_sink.config import (
+    CONFIG_KEY,
+    SinkConfig,
+    SinkConfigError,
+    SinkModelLen,
+    local_window,
+)
 
 if TYPE_CHECKING:
     from vllm.config import VllmConfig
@@ -35,15 +41,16 @@ def check_model(cfg: SinkConfig, vllm_config: VllmConfig) -> None:
             f"--window {max(1, max_pos - cfg.sink)} or smaller."
         )
     layer_types = sorted(set(getattr(hf, "layer_types", None) or ()))
+    local = local_window(hf)
     refusals = [
         (model_config.uses_mrope, "multimodal rotary embeddings (mrope)"),
         (model_config.use_mla, "multi-head latent attention (MLA)"),
         (model_config.is_hybrid, "hybrid attention/mamba layers"),
         (model_config.is_attention_free, "no attention layers"),
         (
-            len(layer_types) > 1,
-            f"hybrid local/global attention layers (Gemma 3 style: {layer_types}), "
-            "not supported yet",
+            len(layer_types) > 1 and local is None,
+            f"these mixed attention layer types ({layer_types}; served: "
+            "sliding_attention + full_attention, Gemma 3 style)",
         ),
         (vllm_config.speculative_config is not None, "speculative decoding"),
     ]
@@ -62,8 +69,15 @@ def check_model(cfg: SinkConfig, vllm_config: VllmConfig) -> None:
             f"(size {vocab}). Fix: pass the id of the model's sink/placeholder token."
         )
     _check_room_for_seeds(cfg, vllm_config)
+    if local is not None and local > cfg.window:
+        raise SinkConfigError(
+            f"{name}'s local layers attend their own {local}-token window, wider "
+            f"than --window {cfg.window} of its global layers: a stream continued "
+            "past --max-model-len keeps only the global window's keys. Fix: "
+            f"--window {local} or larger."
+        )
     sliding = model_config.get_sliding_window()
-    if sliding is not None and sliding < cfg.span:
+    if local is None and sliding is not None and sliding < cfg.span:
         raise SinkConfigError(
             f"{name} has built-in sliding-window layers of {sliding} tokens, "
             f"narrower than --attention-sink + --window = {cfg.span}. Fix: choose "
@@ -148,10 +162,9 @@ def kv_memory_message(
     max_model_len; ``in_flight`` is what one step may add to it, the chunk
     size (``--max-num-batched-tokens``) per concurrent batch.
     """
-    from vllm_sink.kv_cache import SinkWindowSpec
+    from vllm_sink.kv_cache import widest_spec
 
-    sink_specs = [s for s in specs.values() if isinstance(s, SinkWindowSpec)]
-    spec = sink_specs[0]
+    spec = widest_spec(specs.values())
     bs, batches = spec.block_size, vllm_config.max_concurrent_batches
     chunk = vllm_config.scheduler_config.max_num_batched_tokens
     need = spec.max_admission_blocks_per_request(

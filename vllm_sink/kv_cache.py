@@ -8,6 +8,7 @@ in every process that manages blocks.
 
 from __future__ import annotations
 
+from collections.abc import Iterable
 from dataclasses import MISSING, dataclass, fields
 from typing import TYPE_CHECKING
 
@@ -22,7 +23,12 @@ from vllm.v1.kv_cache_interface import (
 )
 from vllm.v1.kv_cache_spec_registry import KVCacheSpecRegistry
 
-from vllm_sink.config import SinkConfig, SinkConfigError, get_sink_config
+from vllm_sink.config import (
+    SinkConfig,
+    SinkConfigError,
+    get_sink_config,
+    layer_config,
+)
 from vllm_sink.metrics import engine_stats
 
 if TYPE_CHECKING:
@@ -50,6 +56,15 @@ class SinkWindowSpec(SlidingWindowSpec):
         nulls the freed entries itself.
         """
         return 0
+
+    def is_uniform_with_collection(self, kv_cache_specs: dict) -> bool:
+        """One KV-cache group per (window, sinks): a hybrid model's local layers
+        (their own window, no sinks) never share a manager with global ones."""
+        return all(
+            isinstance(spec, SinkWindowSpec)
+            and (spec.sliding_window, spec.sink) == (self.sliding_window, self.sink)
+            for spec in kv_cache_specs.values()
+        )
 
     @property
     def num_pinned_blocks(self) -> int:
@@ -198,8 +213,18 @@ def sink_hit_blocks(num_blocks: int, pinned: int, window_blocks: int, has) -> in
     return min(pinned, num_blocks)
 
 
+def widest_spec(specs: Iterable[KVCacheSpec]) -> SinkWindowSpec:
+    """The sink-mode spec with the widest window and most sinks: the global
+    layers' (the flags'), which seams and the KV-memory advice are sized by."""
+    sink_specs = [s for s in specs if isinstance(s, SinkWindowSpec)]
+    if not sink_specs:
+        raise RuntimeError("vllm-sink: no sink-mode KV-cache group")
+    return max(sink_specs, key=lambda s: (s.sliding_window, s.sink))
+
+
 def sink_spec_from(spec: KVCacheSpec, cfg: SinkConfig) -> KVCacheSpec:
-    """The sink-mode spec replacing a decoder layer's full or windowed spec."""
+    """The sink-mode spec replacing a decoder layer's full or windowed spec;
+    ``cfg`` is the layer's rule (``config.layer_config``)."""
     if isinstance(spec, SinkWindowSpec) or not isinstance(
         spec, (FullAttentionSpec, SlidingWindowSpec)
     ):
@@ -268,7 +293,8 @@ def install() -> None:
         cfg = get_sink_config(vllm_config)
         if cfg is None or spec is None:
             return spec
-        return sink_spec_from(spec, cfg)
+        native = getattr(spec, "sliding_window", None)
+        return sink_spec_from(spec, layer_config(cfg, vllm_config, native))
 
 
 _register_spec()

@@ -116,8 +116,9 @@ class SeamMarker:
 class Holds:
     """Block references held for streams between and under seams (one scheduler).
 
-    A hold maps stream block index -> the blocks (one per KV-cache group) and
-    keeps their stream hashes, so the next segment can re-chain from them.
+    A hold maps stream block index -> the blocks (one per KV-cache group that
+    still has it) and keeps their stream hashes, so the next segment can
+    re-chain from them.
     """
 
     def __init__(self, scheduler: Any) -> None:
@@ -152,8 +153,8 @@ class Holds:
         groups = self.manager.get_blocks(request.request_id).blocks
         blocks: dict[int, list] = {}
         for index in range(len(groups[0])):
-            row = [g[index] for g in groups]
-            if not any(b.is_null for b in row):
+            row = _live(g[index] for g in groups)
+            if row:
                 blocks[_stream_block(index, self.pinned, shift)] = row
         hashes = {
             _stream_block(i, self.pinned, shift): h
@@ -181,7 +182,7 @@ class Holds:
         if k0 <= self.pinned:
             return self.pinned, 0
         keep = [i for i in range(hb) if i < self.pinned or i >= k0]
-        blocks = {i: [g[i] for g in groups] for i in keep}
+        blocks = {i: _live(g[i] for g in groups) for i in keep}
         self._hold("stream:" + key, blocks, {k0 - 1: hashes[k0 - 1]})
         return k0, hb
 
@@ -275,6 +276,12 @@ class Holds:
         return out
 
 
+def _live(row: Any) -> list:
+    """A block index's blocks in every group, less the groups that freed it (a
+    hybrid model's local layers free blocks their window no longer reads)."""
+    return [block for block in row if not block.is_null]
+
+
 def _stream_block(engine_block: int, pinned: int, shift: int) -> int:
     return engine_block if engine_block < pinned else engine_block + shift
 
@@ -296,12 +303,12 @@ def stream_of(scheduler: Any, request_id: str) -> str:
 
 
 def _sink_spec(scheduler: Any) -> Any:
-    from vllm_sink.kv_cache import SinkWindowSpec
+    """The global layers' spec: seeds are sized by the widest window (a hybrid
+    model's local windows are no wider, ``engine_config.check_model``)."""
+    from vllm_sink.kv_cache import widest_spec
 
-    for group in scheduler.kv_cache_config.kv_cache_groups:
-        if isinstance(group.kv_cache_spec, SinkWindowSpec):
-            return group.kv_cache_spec
-    raise RuntimeError("vllm-sink: seams need a sink-mode KV-cache group")
+    groups = scheduler.kv_cache_config.kv_cache_groups
+    return widest_spec(group.kv_cache_spec for group in groups)
 
 
 def holds_of(scheduler: Any) -> Holds:

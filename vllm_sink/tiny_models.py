@@ -105,6 +105,19 @@ DEFAULT_CONFIGS.update(
         "original_max_position_embeddings": 64,
         "rotary_pct": 1.0,  # Phi-3's config validation wants it in the rope dict
     },
+    # Hybrid local/global (Gemma 3): two 16-token sliding-window layers per global
+    # one, each kind with its own rotary table; scale query_pre_attn_scalar**-0.5.
+    gemma3_text={
+        **_LLAMA_LIKE,
+        "architectures": ["Gemma3ForCausalLM"],
+        "num_hidden_layers": 3,
+        "layer_types": ["sliding_attention", "sliding_attention", "full_attention"],
+        "sliding_window": 16,
+        "rope_theta": 1000000.0,  # the global layers'
+        "local_rope_theta": 10000.0,
+        "query_pre_attn_scalar": 24,
+        "hidden_activation": "gelu_pytorch_tanh",
+    },
 )
 
 
@@ -136,8 +149,12 @@ def _build_config(arch: str, kwargs: dict[str, Any]) -> Any:
     if "rotary_pct" in kwargs:
         rope["partial_rotary_factor"] = float(kwargs.pop("rotary_pct"))
     rope.update(kwargs.pop("rope_scaling", None) or {})
+    local_theta = kwargs.pop("local_rope_theta", None)
     config = AutoConfig.for_model(arch, **kwargs)
     config.rope_parameters = rope
+    if local_theta is not None:  # one table per layer type (Gemma 3)
+        local = {"rope_type": "default", "rope_theta": float(local_theta)}
+        config.rope_parameters = {"full_attention": rope, "sliding_attention": local}
     config.dtype = torch.float32
     return config
 

@@ -35,7 +35,12 @@ from vllm_sink.attention.inputs import (
     SinkVariant,
     plan_batch,
 )
-from vllm_sink.config import SinkConfig, SinkConfigError, get_sink_config
+from vllm_sink.config import (
+    SinkConfig,
+    SinkConfigError,
+    get_sink_config,
+    layer_config,
+)
 
 # "triton" forces the Triton kernel (on CPU it needs TRITON_INTERPRET=1);
 # "torch" forces the torch path, "cpu" the torch path with compiled decode.
@@ -259,8 +264,11 @@ class SinkAttentionImpl(AttentionImpl[SinkAttentionMetadata]):
         self.kv_cache_dtype = kv_cache_dtype
         self.attn_type = attn_type
         self.kv_sharing_target_layer_name = None
-        cfg = get_sink_config(get_current_vllm_config())
+        vllm_config = get_current_vllm_config()
+        cfg = get_sink_config(vllm_config)
         assert cfg is not None
+        # A hybrid model's local layer keeps its own window (config.layer_config).
+        cfg = layer_config(cfg, vllm_config, sliding_window)
         self.sink_config = cfg
         self.variant = SinkVariant(cfg.sink, cfg.window, cfg.zero_sink)
         # Chosen at start-up: builds the CPU kernel now, not on the first step.
