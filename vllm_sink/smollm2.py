@@ -24,6 +24,7 @@ import subprocess
 import sys
 import tempfile
 import zipfile
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -95,27 +96,41 @@ def _clean_config(gguf_config: Any) -> Any:
 
 def convert(gguf_path: Path, out: Path) -> None:
     """De-quantize ``gguf_path`` into a clean fp32 Llama directory at ``out``."""
+    from transformers import LlamaForCausalLM
+
+    convert_gguf(gguf_path, out, LlamaForCausalLM, _clean_config, "Q4_1")
+
+
+def convert_gguf(
+    gguf_path: Path,
+    out: Path,
+    model_class: type,
+    clean_config: Callable[[Any], Any],
+    quant: str,
+    add_bos: bool = False,
+    say: Callable[[str], None] = _say,
+) -> None:
+    """De-quantize ``gguf_path`` (transformers, ``gguf_file=``) into a clean fp32
+    ``model_class`` directory at ``out`` whose config is ``clean_config`` of the
+    GGUF-derived one; the tokenizer adds BOS when ``add_bos``; progress to ``say``.
+    Shared with ``benchmarks/gemma3.py``."""
     import torch
-    from transformers import (
-        AutoModelForCausalLM,
-        AutoTokenizer,
-        GenerationConfig,
-        LlamaForCausalLM,
-    )
+    from transformers import AutoModelForCausalLM, AutoTokenizer, GenerationConfig
 
     folder, name = str(gguf_path.parent), gguf_path.name
-    _say("loading GGUF with transformers (de-quantizing Q4_1 to fp32) ...")
+    say(f"loading GGUF with transformers (de-quantizing {quant} to fp32) ...")
     tokenizer = AutoTokenizer.from_pretrained(folder, gguf_file=name)
     loaded = AutoModelForCausalLM.from_pretrained(
         folder, gguf_file=name, dtype=torch.float32
     )
-    config = _clean_config(loaded.config)
-    _say("copying weights into a clean LlamaForCausalLM ...")
-    model = LlamaForCausalLM(config).to(torch.float32)
+    config = clean_config(loaded.config)
+    say(f"copying weights into a clean {model_class.__name__} ...")
+    model = model_class(config).to(torch.float32)
     model.load_state_dict(loaded.state_dict(), strict=True)
     model.tie_weights()
     model.eval()
-    _say(f"saving safetensors to {out} ...")
+    del loaded
+    say(f"saving safetensors to {out} ...")
     model.save_pretrained(out, safe_serialization=True)
     GenerationConfig(
         bos_token_id=config.bos_token_id,
@@ -123,6 +138,8 @@ def convert(gguf_path: Path, out: Path) -> None:
         pad_token_id=config.pad_token_id,
     ).save_pretrained(out)
     tokenizer.model_max_length = config.max_position_embeddings
+    if add_bos:
+        tokenizer.add_bos_token = True
     tokenizer.save_pretrained(out)
 
 
@@ -142,7 +159,7 @@ def greedy_completion(model_dir: str | os.PathLike[str], prompt: str, n: int) ->
             attention_mask=torch.ones_like(ids),
             max_new_tokens=n,
             do_sample=False,
-            pad_token_id=tokenizer.eos_token_id,
+            pad_token_id=tokenizer.pad_token_id or tokenizer.eos_token_id,
         )
     return tokenizer.decode(out[0], skip_special_tokens=True)
 
