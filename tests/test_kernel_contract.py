@@ -211,3 +211,37 @@ def test_cudagraph_support_is_declared_per_kernel(monkeypatch) -> None:
     )
     monkeypatch.setenv(backend.KERNEL_ENV, "torch")
     assert builder.get_cudagraph_support(None, None) == AttentionCGSupport.NEVER
+
+
+@pytest.mark.parametrize(("rotary_dim", "neox"), [(64, True), (64, False), (16, True)])
+def test_vllm_rotary_op_equals_the_torch_rotation(rotary_dim, neox) -> None:
+    """On CPU ``rotate`` runs vLLM's rotary op (negative positions through a
+    sign-flipped copy of the table); the torch ops it replaces, which the GPU
+    check uses without vLLM, agree for every shape the paths pass."""
+    import vllm._custom_ops  # noqa: F401  (loads vLLM's ops, as every engine does)
+
+    assert torch_path._vllm_rotary_op() is not None
+    angles = torch.arange(40.0)[:, None] * 10000 ** -(
+        torch.arange(0, rotary_dim, 2) / rotary_dim
+    )
+    rope = inputs.RopeTable(
+        torch.cat((angles.cos(), angles.sin()), dim=-1), rotary_dim, neox
+    )
+    generator = torch.Generator().manual_seed(0)
+    cases = [  # (x, positions) as prefill queries/keys and decode keys pass them
+        (torch.randn(30, 9, 64, generator=generator), torch.arange(30) - 10),
+        (torch.randn(30, 3, 3, 64, generator=generator), torch.arange(30)[:, None]),
+        (
+            torch.randn(4, 30, 3, 64, generator=generator),
+            torch.randint(-39, 40, (4, 30), generator=generator),
+        ),
+        (torch.randn(30, 3, 128, generator=generator)[..., :64], torch.arange(30)),
+        (torch.randn(30, 9, 64, generator=generator).bfloat16(), torch.arange(30)),
+        (torch.randn(0, 3, 64), torch.arange(0)),  # no sinks (S = 0)
+    ]
+    for x, positions in cases:
+        got = torch_path.rotate(x, positions, rope)
+        expected = torch_path.rotate_torch(x, positions, rope)
+        assert got.dtype == torch.float32 and got.shape == x.shape
+        torch.testing.assert_close(got, expected, atol=1e-6, rtol=0)
+        assert x.numel() == 0 or not torch.equal(got, x.float())  # it rotated

@@ -35,7 +35,14 @@ from vllm_sink.attention.inputs import (
     plan_batch,
 )
 
-__all__ = ["BatchPlan", "plan_batch", "rotate", "sink_attention", "write_kv"]
+__all__ = [
+    "BatchPlan",
+    "plan_batch",
+    "rotate",
+    "rotate_torch",
+    "sink_attention",
+    "write_kv",
+]
 
 QUERY_TILE = 256
 
@@ -43,9 +50,66 @@ QUERY_TILE = 256
 def rotate(x: torch.Tensor, positions: torch.Tensor, rope: RopeTable) -> torch.Tensor:
     """Rotate ``x`` [..., heads, head_size] by per-row ``positions`` [...].
 
-    Positions may be negative. Computed in float32 into one new tensor (no
-    concatenations: this runs on every key read); dims past rotary_dim pass.
+    Positions may be negative. Computed in float32 into one new tensor; dims past
+    rotary_dim pass. On CPU inside vLLM this is vLLM's own rotary op (one pass,
+    several times faster than the torch ops, and bit-identical to them); elsewhere
+    (the GPU check runs without vLLM) :func:`rotate_torch`.
     """
+    op = _vllm_rotary_op()
+    rows = _rows_of(x, positions)
+    if op is None or x.device.type != "cpu" or not rows:
+        return rotate_torch(x, positions, rope)
+    out = torch.empty(x.shape, dtype=torch.float32, device=x.device)
+    out.copy_(x)
+    table, num_rows = _signed_table(rope.cos_sin_cache)
+    flat = positions.reshape(rows).long()
+    index = torch.where(flat < 0, num_rows - flat, flat)
+    op(index, out.view(rows, -1), None, x.shape[-1], table, rope.is_neox_style)
+    return out
+
+
+def _vllm_rotary_op():
+    """vLLM's in-place rotary op (``_C::rotary_embedding``) once vLLM has loaded
+    its ops, else None."""
+    try:
+        return torch.ops._C.rotary_embedding
+    except (AttributeError, RuntimeError):
+        return None
+
+
+def _rows_of(x: torch.Tensor, positions: torch.Tensor) -> int | None:
+    """How many rows of ``x`` the positions index, one position per row of
+    heads x head_size; None when ``positions`` broadcasts in another way (0 and
+    None both go to the torch ops)."""
+    shape = list(positions.shape)
+    while len(shape) > 1 and shape[-1] == 1:
+        shape.pop()
+    if list(x.shape[: len(shape)]) != shape:
+        return None
+    return positions.numel()
+
+
+# id(table) -> (table, [cos | sin] rows then [cos | -sin] rows as float32, rows).
+# Row rows + p rotates by -p (vLLM's CPU op has no inverse). Holding the table
+# keeps its id from being reused while cached.
+_signed_tables: dict[int, tuple[torch.Tensor, torch.Tensor, int]] = {}
+
+
+def _signed_table(cos_sin: torch.Tensor) -> tuple[torch.Tensor, int]:
+    entry = _signed_tables.get(id(cos_sin))
+    if entry is None or entry[0] is not cos_sin:
+        table = cos_sin.float()
+        cos, sin = table.chunk(2, dim=-1)
+        signed = torch.cat((table, torch.cat((cos, -sin), dim=-1))).contiguous()
+        entry = (cos_sin, signed, table.shape[0])
+        _signed_tables[id(cos_sin)] = entry
+    return entry[1], entry[2]
+
+
+def rotate_torch(
+    x: torch.Tensor, positions: torch.Tensor, rope: RopeTable
+) -> torch.Tensor:
+    """:func:`rotate` in torch ops (no concatenations: it runs on every key read)."""
     rotary_dim = rope.rotary_dim
     cos_sin = rope.cos_sin_cache[positions.abs()].float()
     cos, sin = cos_sin.chunk(2, dim=-1)
