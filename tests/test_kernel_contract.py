@@ -245,3 +245,27 @@ def test_vllm_rotary_op_equals_the_torch_rotation(rotary_dim, neox) -> None:
         assert got.dtype == torch.float32 and got.shape == x.shape
         torch.testing.assert_close(got, expected, atol=1e-6, rtol=0)
         assert x.numel() == 0 or not torch.equal(got, x.float())  # it rotated
+
+
+@pytest.mark.parametrize("case", CASES[:3], ids=str)
+@pytest.mark.parametrize("vllm_kernel", [True, False])
+def test_dense_prefill_runs_vllms_kernel_or_sdpa(case, vllm_kernel, monkeypatch):
+    """Requests below S+W are dense causal attention: on CPU with vLLM through
+    vLLM's own attention kernel (over a scratch cache), else one SDPA call; both
+    equal the float64 reference."""
+    calls = {"vllm": 0}
+    vllm_dense = torch_path._vllm_dense
+
+    def counted(*args):
+        out = vllm_dense(*args) if vllm_kernel else None
+        calls["vllm"] += out is not None
+        return out
+
+    monkeypatch.setattr(torch_path, "_vllm_dense", counted)
+    wide = replace(case, window=2000)  # every request below S+W
+    batch = make_batch(wide)
+    out = torch.full_like(batch.inputs.query, 7.0)
+    torch_path.sink_attention(batch.inputs, out)
+    total = int(batch.inputs.layout.query_start_loc[-1])
+    assert rel_err(out[:total], reference64(wide, batch)[:total]) < TOL[case.dtype]
+    assert (calls["vllm"] > 0) == vllm_kernel

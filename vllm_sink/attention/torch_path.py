@@ -273,13 +273,17 @@ def _dense_request(
 ) -> torch.Tensor:
     """A request whose queries all lie below S+W, at absolute indices ``first``
     ...: there ``V(t)`` is ``0..t`` and every rank is the absolute index, so this
-    is dense causal attention at absolute positions, one fused SDPA call (the
+    is dense causal attention at absolute positions: vLLM's own CPU attention
+    kernel where it runs (:func:`_vllm_dense`), else one fused SDPA call (the
     tiled path's mask and score tensors would cost several times more)."""
     query, rope = inputs.query[tokens], inputs.rope
     positions = torch.arange(first + query.shape[0], device=query.device)
     k, v = _gather_kv(inputs.kv_cache, block_row, 0, len(positions))
     k = rotate(k, positions, rope)
     q = rotate(query, positions[first:], rope)
+    out = _vllm_dense(q, k, v, inputs.scale)
+    if out is not None:
+        return out
     mask = None
     if first:  # the chunk's queries see the request's earlier keys too
         mask = positions[None, :] <= positions[first:, None]
@@ -293,6 +297,85 @@ def _dense_request(
         enable_gqa=True,
     )
     return out[0].transpose(0, 1)
+
+
+SCRATCH_BLOCK = 32  # vLLM's CPU attention takes multiples of 32
+
+
+@functools.cache
+def _vllm_cpu_attention() -> tuple | None:
+    """vLLM's CPU attention ops and its ISA choice, or None without vLLM."""
+    try:
+        from vllm import _custom_ops as ops
+        from vllm.v1.attention.backends import cpu_attn
+    except ImportError:
+        return None
+    names = (
+        "cpu_attention_with_kv_cache",
+        "cpu_attn_get_scheduler_metadata",
+        "cpu_attn_reshape_and_cache",
+    )
+    isa = getattr(cpu_attn, "_get_attn_isa", None)
+    heads = cpu_attn.CPUAttentionBackend.get_supported_head_sizes()
+    if isa is None or not all(hasattr(ops, name) for name in names):
+        return None
+    return ops, isa, frozenset(heads)
+
+
+def _vllm_dense(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float
+) -> torch.Tensor | None:
+    """Causal attention of the last ``len(q)`` of ``len(k)`` positions (fp32
+    rotated ``q`` [nq, H, D], ``k`` [n, Hkv, D], ``v``) by vLLM's CPU kernel, what
+    plain vLLM runs for the same prefill, over a scratch paged cache; None where
+    that kernel is not available (no vLLM, not CPU, head size it lacks)."""
+    found = _vllm_cpu_attention()
+    head_size = q.shape[-1]
+    if found is None or q.device.type != "cpu" or head_size not in found[2]:
+        return None
+    ops, choose_isa, _ = found
+    n, num_kv_heads = k.shape[0], k.shape[1]
+    isa = choose_isa(torch.float32, SCRATCH_BLOCK, head_size)
+    blocks = -(-n // SCRATCH_BLOCK)
+    # Zeros: the kernel reads whole blocks, and 0 x NaN would leak into the output.
+    scratch = torch.zeros(blocks, num_kv_heads, 2 * SCRATCH_BLOCK, head_size)
+    key_cache, value_cache = scratch.chunk(2, dim=2)
+    slots = torch.arange(n, dtype=torch.int64)
+    value = v.float().contiguous()
+    ops.cpu_attn_reshape_and_cache(k, value, key_cache, value_cache, slots, isa)
+    query_start_loc = torch.tensor([0, q.shape[0]], dtype=torch.int32)
+    seq_lens = torch.tensor([n], dtype=torch.int32)
+    metadata = ops.cpu_attn_get_scheduler_metadata(
+        num_reqs=1,
+        num_heads=q.shape[1],
+        num_kv_heads=num_kv_heads,
+        head_dim=head_size,
+        seq_lens=seq_lens,
+        dtype=torch.float32,
+        query_start_loc=query_start_loc,
+        causal=True,
+        sliding_window_size=-1,
+        isa=isa,
+        enable_kv_split=False,
+    )
+    out = torch.empty_like(q)
+    ops.cpu_attention_with_kv_cache(
+        query=q,
+        key_cache=key_cache,
+        value_cache=value_cache,
+        output=out,
+        query_start_loc=query_start_loc,
+        seq_lens=seq_lens,
+        scale=scale,
+        causal=True,
+        alibi_slopes=None,
+        sliding_window=-1,
+        block_table=torch.arange(blocks, dtype=torch.int32)[None],
+        softcap=0.0,
+        scheduler_metadata=metadata,
+        s_aux=None,
+    )
+    return out
 
 
 def _torch_decodes(
