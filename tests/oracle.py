@@ -483,7 +483,6 @@ class SinkOracle:
         self.arch = _wrap(self.model)
         span = None if window is None else self.sink + window
         self.rules = [self._rule(kind, span) for kind in self.arch.layer_types()]
-        self.rope = self.rules[-1].rotary.rope  # a global layer's (all but Gemma 3's)
         self.scale = self.arch.scale
 
     def _rule(self, layer_type: str, span: int | None) -> LayerRule:

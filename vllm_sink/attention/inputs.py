@@ -14,7 +14,9 @@ which imports ``vllm_sink.config``; both import vLLM only inside functions.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, replace
+from typing import Any
 
 import torch
 
@@ -34,6 +36,25 @@ class RopeTable:
     rotary_dim: int
     is_neox_style: bool
     qk_factor: float = 1.0
+
+
+class TableCache:
+    """A value derived from a rotary table (and more arguments), cached per table
+    object: the model's table is one tensor shared by every layer, so each path
+    derives its form once. An entry holds its table, so the table's id is not
+    reused by another tensor while the entry lives."""
+
+    def __init__(self, derive: Callable[..., Any]) -> None:
+        self._derive = derive
+        self._entries: dict[tuple, tuple[torch.Tensor, Any]] = {}
+
+    def __call__(self, table: torch.Tensor, *args: Any) -> Any:
+        key = (id(table), *args)
+        entry = self._entries.get(key)
+        if entry is None or entry[0] is not table:
+            entry = (table, self._derive(table, *args))
+            self._entries[key] = entry
+        return entry[1]
 
 
 @dataclass(frozen=True)

@@ -32,6 +32,7 @@ from vllm_sink.attention.inputs import (
     BatchPlan,
     RopeTable,
     SinkAttentionInputs,
+    TableCache,
     plan_batch,
 )
 
@@ -89,21 +90,16 @@ def _rows_of(x: torch.Tensor, positions: torch.Tensor) -> int | None:
     return positions.numel()
 
 
-# id(table) -> (table, [cos | sin] rows then [cos | -sin] rows as float32, rows).
-# Row rows + p rotates by -p (vLLM's CPU op has no inverse). Holding the table
-# keeps its id from being reused while cached.
-_signed_tables: dict[int, tuple[torch.Tensor, torch.Tensor, int]] = {}
+def _signed(cos_sin: torch.Tensor) -> tuple[torch.Tensor, int]:
+    """The table's rows as float32, then its rows with sin negated, and how many
+    rows it has: row ``rows + p`` rotates by ``-p`` (vLLM's CPU op has no inverse)."""
+    table = cos_sin.float()
+    cos, sin = table.chunk(2, dim=-1)
+    signed = torch.cat((table, torch.cat((cos, -sin), dim=-1))).contiguous()
+    return signed, table.shape[0]
 
 
-def _signed_table(cos_sin: torch.Tensor) -> tuple[torch.Tensor, int]:
-    entry = _signed_tables.get(id(cos_sin))
-    if entry is None or entry[0] is not cos_sin:
-        table = cos_sin.float()
-        cos, sin = table.chunk(2, dim=-1)
-        signed = torch.cat((table, torch.cat((cos, -sin), dim=-1))).contiguous()
-        entry = (cos_sin, signed, table.shape[0])
-        _signed_tables[id(cos_sin)] = entry
-    return entry[1], entry[2]
+_signed_table = TableCache(_signed)
 
 
 def rotate_torch(
@@ -315,10 +311,15 @@ def _vllm_cpu_attention() -> tuple | None:
         "cpu_attn_get_scheduler_metadata",
         "cpu_attn_reshape_and_cache",
     )
-    isa = getattr(cpu_attn, "_get_attn_isa", None)
+    choose_isa = getattr(cpu_attn, "_get_attn_isa", None)
     heads = cpu_attn.CPUAttentionBackend.get_supported_head_sizes()
-    if isa is None or not all(hasattr(ops, name) for name in names):
+    if choose_isa is None or not all(hasattr(ops, name) for name in names):
         return None
+
+    @functools.cache
+    def isa(head_size: int) -> str:  # chosen once, not per request and layer
+        return choose_isa(torch.float32, SCRATCH_BLOCK, head_size)
+
     return ops, isa, frozenset(heads)
 
 
@@ -333,9 +334,9 @@ def _vllm_dense(
     head_size = q.shape[-1]
     if found is None or q.device.type != "cpu" or head_size not in found[2]:
         return None
-    ops, choose_isa, _ = found
+    ops, isa_of, _ = found
     n, num_kv_heads = k.shape[0], k.shape[1]
-    isa = choose_isa(torch.float32, SCRATCH_BLOCK, head_size)
+    isa = isa_of(head_size)
     blocks = -(-n // SCRATCH_BLOCK)
     # Zeros: the kernel reads whole blocks, and 0 x NaN would leak into the output.
     scratch = torch.zeros(blocks, num_kv_heads, 2 * SCRATCH_BLOCK, head_size)
